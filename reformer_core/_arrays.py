@@ -1,0 +1,167 @@
+"""Small helpers over the Array API standard: namespace lookup, validation, gathers.
+
+Everything here works on any conforming namespace (checked on ``array_api_strict``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+
+__all__ = [
+    "namespace",
+    "framework_of",
+    "device_of",
+    "check_rank",
+    "check_floating",
+    "check_same_float_dtype",
+    "check_finite",
+    "gather_positions",
+    "floating_dtypes",
+    "keep_mask",
+]
+
+# Top-level module of an array type -> the framework name users know it by.
+_FRAMEWORK_BY_MODULE = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "cupy": "cupy",
+    "array_api_strict": "strict",
+}
+
+
+def framework_of(array: Any) -> str | None:
+    """Name of the framework that made ``array`` ('numpy', 'torch', ...), or None.
+
+    Looks only at the array's type, so it never imports a framework.
+    """
+    module = type(array).__module__.split(".", 1)[0]
+    return _FRAMEWORK_BY_MODULE.get(module)
+
+
+def namespace(*arrays: Any):
+    """The Array API namespace shared by ``arrays`` (None entries are ignored).
+
+    Raises a TypeError naming the frameworks when arrays of two frameworks are mixed,
+    and when something is not an array at all.
+    """
+    present = [a for a in arrays if a is not None]
+    if not present:
+        raise TypeError("expected at least one array, got none")
+    frameworks = {framework_of(a) for a in present}
+    if None in frameworks:
+        bad = next(a for a in present if framework_of(a) is None)
+        raise TypeError(
+            f"expected arrays of a supported framework (numpy, torch, jax, cupy, array_api_strict), "
+            f"got {type(bad).__module__}.{type(bad).__qualname__}; convert it with the backend's "
+            f"from_numpy() or the framework's asarray()"
+        )
+    if len(frameworks) > 1:
+        raise TypeError(
+            f"arrays from different frameworks were mixed: {sorted(frameworks)}; "
+            f"move every input to one framework first (reformer_core does not convert silently)"
+        )
+    return array_api_compat.array_namespace(*present)
+
+
+def device_of(array: Any):
+    return array_api_compat.device(array)
+
+
+def check_same_device(named: dict[str, Any]) -> None:
+    """Raise ValueError when the given arrays do not all live on one device."""
+    devices = {name: device_of(a) for name, a in named.items() if a is not None}
+    distinct = []
+    for d in devices.values():
+        if not any(d == e for e in distinct):
+            distinct.append(d)
+    if len(distinct) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(
+            f"inputs live on different devices ({listing}); move them to one device first "
+            f"(reformer_core never moves data between devices for you)"
+        )
+
+
+def check_rank(name: str, array: Any, rank: int, shape_doc: str) -> None:
+    if array.ndim != rank:
+        raise ValueError(
+            f"{name} must have {rank} dimensions {shape_doc}, got shape {tuple(array.shape)}"
+        )
+
+
+def floating_dtypes(xp) -> tuple:
+    """The real floating dtypes of ``xp`` that exist (bfloat16 where the framework has it)."""
+    names = ("float16", "bfloat16", "float32", "float64")
+    return tuple(getattr(xp, n) for n in names if hasattr(xp, n))
+
+
+def check_floating(xp, name: str, array: Any) -> None:
+    if not xp.isdtype(array.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype, got {array.dtype}; "
+            f"cast it with xp.astype({name}, xp.float32)"
+        )
+
+
+def check_same_float_dtype(xp, named: dict[str, Any]) -> None:
+    """All arrays floating and of one dtype (no silent promotion)."""
+    for name, array in named.items():
+        if array is not None:
+            check_floating(xp, name, array)
+    dtypes = {name: a.dtype for name, a in named.items() if a is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+        raise TypeError(f"inputs must share one floating dtype, got {listing}; cast them to one dtype")
+
+
+def check_finite(xp, name: str, array: Any) -> None:
+    """Raise ValueError when ``array`` holds NaN or inf (a full reduction: opt-in only)."""
+    if not bool(xp.all(xp.isfinite(array))):
+        raise ValueError(f"{name} contains NaN or inf; clean the input or turn off check_finite")
+
+
+def gather_positions(xp, x: Any, positions: Any) -> Any:
+    """``x[..., positions[...,i], :]`` along axis -2.
+
+    x: (..., n, d); positions: (..., m) integer -> (..., m, d). Uses take_along_axis with
+    explicitly broadcast indices, so it works where the namespace does not broadcast them.
+    """
+    index = xp.broadcast_to(positions[..., None], (*positions.shape, x.shape[-1]))
+    return xp.take_along_axis(x, index, axis=-2)
+
+
+def rsqrt_mean_square(xp, x: Any, eps: float) -> Any:
+    """1 / sqrt(mean(x^2, axis=-1) + eps), keeping the last axis."""
+    return 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def logsumexp(xp, x: Any, axis: int) -> Any:
+    """Stable log(sum(exp(x))) along ``axis`` (the axis is dropped)."""
+    top = xp.max(x, axis=axis, keepdims=True)
+    # A row of all -inf would give nan; our masks are finite so top is always finite.
+    return xp.squeeze(top, axis=axis) + xp.log(xp.sum(xp.exp(x - top), axis=axis))
+
+
+def inverse_sqrt(n: int) -> float:
+    return 1.0 / math.sqrt(n)
+
+
+def keep_mask(xp, attention_mask: Any, batch: int, length: int):
+    """Validate a padding mask ``(batch, length)`` and return it as bool (True = real token)."""
+    check_rank("attention_mask", attention_mask, 2, "(batch, length)")
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(
+            f"attention_mask must have shape (batch, length) = {(batch, length)}, got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype == xp.bool:
+        return attention_mask
+    if xp.isdtype(attention_mask.dtype, "integral"):
+        return attention_mask != 0
+    raise TypeError(
+        f"attention_mask must be bool or integer (1 = real token, 0 = padding), got {attention_mask.dtype}"
+    )

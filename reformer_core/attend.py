@@ -1,0 +1,136 @@
+"""The masked softmax attention every kind shares, and its mask constants.
+
+Masks follow trax and HF transformers: a masked logit is *replaced* by a large negative
+finite value (not -inf, so no row ever becomes NaN), and with shared-QK attention a token's
+logit with itself is replaced, after every other mask, by a smaller negative value, so a
+token attends to itself only when nothing else is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._arrays import (
+    check_rank,
+    check_same_device,
+    check_same_float_dtype,
+    device_of,
+    keep_mask,
+    logsumexp,
+    rsqrt_mean_square,
+)
+
+__all__ = ["MASK_VALUE", "SELF_MASK_VALUE", "mask_values", "attend", "shared_qk_keys"]
+
+MASK_VALUE = -1e9
+SELF_MASK_VALUE = -1e5
+# float16 cannot hold -1e9 (its largest magnitude is 65504); these keep the same order.
+_FLOAT16_MASK_VALUES = (-1e4, -1e3)
+
+
+def mask_values(xp, dtype) -> tuple[float, float]:
+    """``(mask_value, self_mask_value)`` for logits of ``dtype``."""
+    if hasattr(xp, "float16") and dtype == xp.float16:
+        return _FLOAT16_MASK_VALUES
+    return MASK_VALUE, SELF_MASK_VALUE
+
+
+def attend(
+    xp,
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    query_positions: Any,
+    key_positions: Any,
+    causal: bool,
+    key_keep: Any = None,
+    self_mask: bool = False,
+    logit_bias: Any = None,
+    dropout_keep: Any = None,
+    dropout_rate: float = 0.0,
+):
+    """Softmax attention of ``query`` over ``key``/``value`` with position-based masks.
+
+    Args:
+        query: ``(..., q, d)``; key: ``(..., k, d)``; value: ``(..., k, dv)`` (already scaled).
+        query_positions, key_positions: int ``(..., q)`` and ``(..., k)``, original positions.
+        causal: mask keys whose position exceeds the query's.
+        key_keep: optional bool ``(..., k)``, False for padding keys.
+        self_mask: replace the logit of a query with its own position (shared-QK).
+        logit_bias: optional ``(..., q, k)`` added to the logits before masking.
+        dropout_keep: optional bool ``(..., q, k)``; kept probabilities are scaled by
+            ``1 / (1 - dropout_rate)``.
+
+    Returns:
+        ``(out, logsumexp)``: ``(..., q, dv)`` and ``(..., q)``.
+    """
+    mask_value, self_value = mask_values(xp, query.dtype)
+    device = device_of(query)
+    logits = xp.matmul(query, xp.matrix_transpose(key))
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    masked = None
+    if causal:
+        masked = key_positions[..., None, :] > query_positions[..., :, None]
+    if key_keep is not None:
+        padding = xp.logical_not(key_keep)[..., None, :]
+        masked = padding if masked is None else xp.logical_or(masked, padding)
+    if masked is not None:
+        logits = xp.where(masked, xp.asarray(mask_value, dtype=logits.dtype, device=device), logits)
+    if self_mask:
+        is_self = key_positions[..., None, :] == query_positions[..., :, None]
+        logits = xp.where(is_self, xp.asarray(self_value, dtype=logits.dtype, device=device), logits)
+    lse = logsumexp(xp, logits, axis=-1)
+    probs = xp.exp(logits - lse[..., None])
+    if dropout_keep is not None and dropout_rate > 0.0:
+        probs = xp.where(dropout_keep, probs / (1.0 - dropout_rate), xp.zeros_like(probs))
+    return xp.matmul(probs, value), lse
+
+
+def shared_qk_keys(xp, qk: Any):
+    """Keys of shared-QK attention: ``qk * rsqrt(mean(qk^2, -1) + 1e-6) / sqrt(head_dim)``."""
+    head_dim = qk.shape[-1]
+    return qk * (rsqrt_mean_square(xp, qk, 1e-6) * (1.0 / math.sqrt(head_dim)))
+
+
+def check_attention_inputs(xp, named: dict[str, Any], attention_mask: Any = None):
+    """Validate ``(batch, heads, length, head_dim)`` inputs; return the shape and keep mask."""
+    shape = None
+    for name, array in named.items():
+        check_rank(name, array, 4, "(batch, heads, length, head_dim)")
+        if shape is None:
+            shape = tuple(array.shape)
+            first = name
+        elif tuple(array.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(array.shape)} but {first} has {shape}; they must match")
+    check_same_float_dtype(xp, named)
+    check_same_device({**named, "attention_mask": attention_mask})
+    batch, heads, length, head_dim = shape
+    keep = None if attention_mask is None else keep_mask(xp, attention_mask, batch, length)
+    return shape, keep
+
+
+def check_chunking(length: int, chunk_length: int, num_chunks_before: int, num_chunks_after: int, what: str) -> None:
+    for name, value, low in (("chunk_length", chunk_length, 1), ("num_chunks_before", num_chunks_before, 0),
+                             ("num_chunks_after", num_chunks_after, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if length > chunk_length and length % chunk_length:
+        raise ValueError(
+            f"{what}: sequence length {length} is not a multiple of chunk_length={chunk_length}; "
+            f"pad it with reformer_core.pad_to_multiple (and pass the returned attention_mask) "
+            f"or choose a chunk_length that divides it"
+        )
+
+
+def positions_like(xp, x: Any, length: int):
+    """int64 positions ``0 .. length - 1`` on ``x``'s device."""
+    return xp.arange(length, dtype=xp.int64, device=device_of(x))
+
+
+def broadcast_keep(xp, keep: Any, heads: int):
+    """Padding mask ``(batch, length)`` -> ``(batch, heads, length)``."""
+    batch, length = keep.shape
+    return xp.broadcast_to(keep[:, None, :], (batch, heads, length))
