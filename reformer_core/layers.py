@@ -45,7 +45,9 @@ def apply_in_chunks(xp, fn: Callable[[Any], Any], x: Any, chunk_length: int | No
         return fn(x)
     axis = axis % x.ndim
     lead = (slice(None),) * axis
-    pieces = [fn(x[(*lead, slice(start, start + chunk_length), ...)]) for start in range(0, length, chunk_length)]
+    pieces = [
+        fn(x[(*lead, slice(start, min(start + chunk_length, length)), ...)]) for start in range(0, length, chunk_length)
+    ]
     return xp.concat(pieces, axis=axis)
 
 
