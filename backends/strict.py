@@ -29,7 +29,11 @@ class StrictBackend(Backend):
 
     def parse_device(self, device):
         if isinstance(device, str) and not device.startswith("array_api_strict"):
-            device = self.xp.Device(device)
+            try:
+                device = self.xp.Device(device)
+            except ValueError:
+                names = [str(d).split("'")[1] for d in self.devices()]
+                raise ValueError(f"backend 'strict' has no device {device!r}; available: {names}") from None
         return super().parse_device(device)
 
     def from_numpy(self, array, *, dtype=None):

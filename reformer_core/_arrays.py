@@ -21,6 +21,7 @@ __all__ = [
     "gather_positions",
     "floating_dtypes",
     "keep_mask",
+    "check_flag",
 ]
 
 # Top-level module of an array type -> the framework name users know it by.
@@ -120,9 +121,16 @@ def check_same_float_dtype(xp, named: dict[str, Any]) -> None:
 
 
 def check_finite(xp, name: str, array: Any) -> None:
-    """Raise ValueError when ``array`` holds NaN or inf (a full reduction: opt-in only)."""
+    """Raise ValueError when ``array`` holds NaN or inf (a full reduction and a device sync,
+    so public functions do it only when asked with ``check_finite=True``)."""
     if not bool(xp.all(xp.isfinite(array))):
-        raise ValueError(f"{name} contains NaN or inf; clean the input or turn off check_finite")
+        raise ValueError(f"{name} contains NaN or inf; clean the input (or drop check_finite=True)")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raise TypeError unless ``value`` is a bool (``causal="no"`` must not mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def gather_positions(xp, x: Any, positions: Any) -> Any:

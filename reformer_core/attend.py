@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ._arrays import check_finite as _check_finite
 from ._arrays import (
+    check_flag,
     check_rank,
     check_same_device,
     check_same_float_dtype,
@@ -66,6 +68,8 @@ def attend(
     Returns:
         ``(out, logsumexp)``: ``(..., q, dv)`` and ``(..., q)``.
     """
+    if dropout_keep is not None or dropout_rate:
+        check_dropout(xp, dropout_rate, dropout_keep, (*query.shape[:-1], key.shape[-2]))
     mask_value, self_value = mask_values(xp, query.dtype)
     device = device_of(query)
     logits = xp.matmul(query, xp.matrix_transpose(key))
@@ -89,14 +93,34 @@ def attend(
     return xp.matmul(probs, value), lse
 
 
+def check_dropout(xp, dropout_rate: Any, dropout_keep: Any, logits_shape: tuple) -> None:
+    """Raise when the attention dropout rate is not in [0, 1) or the keep mask does not fit."""
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)):
+        raise TypeError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    if dropout_keep is None:
+        return
+    if dropout_keep.dtype != xp.bool:
+        raise TypeError(f"dropout_keep must be a bool mask (True = keep), got dtype {dropout_keep.dtype}")
+    if tuple(dropout_keep.shape) != tuple(logits_shape):
+        raise ValueError(
+            f"dropout_keep has shape {tuple(dropout_keep.shape)}, but the attention probabilities have shape "
+            f"{tuple(logits_shape)}; draw it with reformer_core.model.sample_dropout_masks or of that shape"
+        )
+
+
 def shared_qk_keys(xp, qk: Any):
     """Keys of shared-QK attention: ``qk * rsqrt(mean(qk^2, -1) + 1e-6) / sqrt(head_dim)``."""
     head_dim = qk.shape[-1]
     return qk * (rsqrt_mean_square(xp, qk, 1e-6) * (1.0 / math.sqrt(head_dim)))
 
 
-def check_attention_inputs(xp, named: dict[str, Any], attention_mask: Any = None):
+def check_attention_inputs(xp, named: dict[str, Any], attention_mask: Any = None, *, causal: Any = False,
+                           check_finite: Any = False):
     """Validate ``(batch, heads, length, head_dim)`` inputs; return the shape and keep mask."""
+    check_flag("causal", causal)
+    check_flag("check_finite", check_finite)
     shape = None
     for name, array in named.items():
         check_rank(name, array, 4, "(batch, heads, length, head_dim)")
@@ -109,13 +133,18 @@ def check_attention_inputs(xp, named: dict[str, Any], attention_mask: Any = None
     check_same_device({**named, "attention_mask": attention_mask})
     batch, heads, length, head_dim = shape
     keep = None if attention_mask is None else keep_mask(xp, attention_mask, batch, length)
+    if check_finite:
+        for name, array in named.items():
+            _check_finite(xp, name, array)
     return shape, keep
 
 
 def check_chunking(length: int, chunk_length: int, num_chunks_before: int, num_chunks_after: int, what: str) -> None:
     for name, value, low in (("chunk_length", chunk_length, 1), ("num_chunks_before", num_chunks_before, 0),
                              ("num_chunks_after", num_chunks_after, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if length > chunk_length and length % chunk_length:
         raise ValueError(

@@ -23,6 +23,7 @@ __all__ = [
     "available_backends",
     "known_backends",
     "backend_for",
+    "resolve_backend",
 ]
 
 # name -> (adapter module, framework module to look for, pip extra)
@@ -37,6 +38,7 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
 _BY_FRAMEWORK = {"numpy": "numpy", "strict": "strict", "torch": "torch", "jax": "jax", "cupy": "cupy"}
 
 _default = None  # set by set_backend
+_instances: dict = {}  # (name, device spec) -> backend; adapters hold no mutable state
 _scoped: contextvars.ContextVar = contextvars.ContextVar("reformer_core_backend", default=None)
 
 
@@ -79,8 +81,12 @@ def _make(name: str, device: Any = None):
         raise ValueError(f"backend {base!r} needs {framework}, which is not installed; run {hint}")
     if not _adapter_importable(base):
         raise ValueError(f"backend {base!r} has no adapter in this version of reformer-core")
-    module = importlib.import_module(module_name)
-    return module.BACKEND(device)
+    key = (base, None if device is None else str(device))
+    cached = _instances.get(key)
+    if cached is None:
+        module = importlib.import_module(module_name)
+        cached = _instances[key] = module.BACKEND(device)
+    return cached
 
 
 def set_backend(name: str, device: Any = None):
@@ -119,10 +125,11 @@ def get_backend():
 
 def backend_for(*arrays: Any):
     """The backend that owns ``arrays``, on their device (TypeError when frameworks are mixed)."""
-    from ._arrays import device_of, namespace
+    from ._arrays import check_same_device, device_of, namespace
 
     present = [a for a in arrays if a is not None]
     namespace(*present)  # raises on mixing and on non-arrays
+    check_same_device({f"arrays[{i}]": a for i, a in enumerate(present)})  # no silent pick of one device
     framework = framework_of(present[0])
     name = _BY_FRAMEWORK[framework]
     current = get_backend()
@@ -130,3 +137,17 @@ def backend_for(*arrays: Any):
     if current.name == name and str(current.device) == str(device):
         return current
     return _make(name, device)
+
+
+def resolve_backend(backend: Any = None):
+    """A backend object from None (``get_backend()``), a name/``"name:device"``, or a backend."""
+    if backend is None:
+        return get_backend()
+    if isinstance(backend, str):
+        return _make(backend)
+    if not hasattr(backend, "from_numpy"):
+        raise TypeError(
+            f"backend must be a name such as 'numpy' or 'strict:device1', or a backend object "
+            f"(reformer_core.get_backend()); got {type(backend).__name__} {backend!r}"
+        )
+    return backend

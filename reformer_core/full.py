@@ -18,6 +18,7 @@ def full_attention(
     attention_mask: Any = None,
     dropout_rate: float = 0.0,
     dropout_keep: Any = None,
+    check_finite: bool = False,
 ):
     """Shared-QK attention over the whole sequence, with the masks of LSH attention.
 
@@ -33,12 +34,15 @@ def full_attention(
         attention_mask: optional ``(batch, length)`` bool/int, True/1 for real tokens.
         dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask
             ``(batch, heads, length, length)``.
+        check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).
 
     Returns:
         ``(batch, heads, length, head_dim)``.
     """
     xp = namespace(qk, v, attention_mask, dropout_keep)
-    (batch, heads, length, _), keep = check_attention_inputs(xp, {"qk": qk, "v": v}, attention_mask)
+    (batch, heads, length, _), keep = check_attention_inputs(
+        xp, {"qk": qk, "v": v}, attention_mask, causal=causal, check_finite=check_finite
+    )
     out, _ = shared_qk_attention(xp, qk, v, causal, keep, dropout_rate, dropout_keep)
     return out
 

@@ -9,7 +9,7 @@ import numpy as np
 from ._arrays import check_rank, check_same_device, check_same_float_dtype, device_of, keep_mask, namespace
 from .config import rotation_size, total_buckets, validate_num_buckets
 
-__all__ = ["random_rotations", "hash_vectors", "buckets_per_round"]
+__all__ = ["random_rotations", "hash_vectors", "buckets_per_round", "check_rotations"]
 
 
 def _check_seed(seed) -> None:
@@ -17,6 +17,10 @@ def _check_seed(seed) -> None:
         raise TypeError(f"seed must be an int (or a tuple of ints), got {type(seed).__name__}")
     if isinstance(seed, (int, np.integer)) and seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    if isinstance(seed, tuple):
+        for entry in seed:
+            if isinstance(entry, bool) or not isinstance(entry, (int, np.integer)) or entry < 0:
+                raise ValueError(f"seed tuple entries must be non-negative ints, got {seed!r}")
 
 
 def random_rotations(
@@ -40,14 +44,15 @@ def random_rotations(
         num_heads, head_dim, num_hashes: the rotation shape's leading sizes.
         num_buckets: an even int, or a tuple of even factors (factorised hashing).
         like: an array whose backend, device and dtype the rotations take.
-        backend: a backend object (default: ``get_backend()``) when ``like`` is not given.
+        backend: a backend object or name such as ``"strict:device1"`` (default:
+            ``get_backend()``) when ``like`` is not given.
         dtype: dtype name or object (default: ``like``'s dtype, else float32).
 
     Returns:
         array of shape ``(num_heads, head_dim, num_hashes, rotation_size // 2)`` where
         ``rotation_size`` is ``num_buckets`` or the sum of its factors.
     """
-    from .backend import backend_for, get_backend
+    from .backend import backend_for, resolve_backend
 
     _check_seed(seed)
     validate_num_buckets(num_buckets)
@@ -59,8 +64,8 @@ def random_rotations(
             raise ValueError("give either like= or backend=, not both")
         backend = backend_for(like)
         dtype = like.dtype if dtype is None else dtype
-    elif backend is None:
-        backend = get_backend()
+    else:
+        backend = resolve_backend(backend)
     rng = np.random.default_rng(seed)
     host = rng.standard_normal((num_heads, head_dim, num_hashes, rotation_size(num_buckets) // 2))
     return backend.from_numpy(host, dtype="float32" if dtype is None else dtype)
@@ -92,18 +97,24 @@ def hash_vectors(x: Any, rotations: Any, num_buckets: int | tuple[int, ...], *, 
     xp = namespace(x, rotations, attention_mask)
     validate_num_buckets(num_buckets)
     check_rank("x", x, 4, "(batch, heads, length, head_dim)")
+    check_rotations(xp, x, rotations, num_buckets)
+    check_same_device({"x": x, "attention_mask": attention_mask})
+    return _hash(xp, x, rotations, num_buckets, attention_mask)
+
+
+def check_rotations(xp, x: Any, rotations: Any, num_buckets) -> None:
+    """Raise unless ``rotations`` fit ``x (b, h, L, d)`` and ``num_buckets`` (dtype, device, shape)."""
     check_rank("rotations", rotations, 4, "(heads, head_dim, num_hashes, rotation_size // 2)")
     check_same_float_dtype(xp, {"x": x, "rotations": rotations})
-    check_same_device({"x": x, "rotations": rotations, "attention_mask": attention_mask})
-    batch, heads, length, head_dim = x.shape
-    r_heads, r_dim, num_hashes, half = rotations.shape
+    check_same_device({"x": x, "rotations": rotations})
+    _, heads, _, head_dim = x.shape
+    r_heads, r_dim, _, half = rotations.shape
     if (r_heads, r_dim) != (heads, head_dim) or 2 * half != rotation_size(num_buckets):
         raise ValueError(
             f"rotations of shape {tuple(rotations.shape)} do not fit x of shape {tuple(x.shape)} with "
             f"num_buckets={num_buckets!r}; expected ({heads}, {head_dim}, num_hashes, "
             f"{rotation_size(num_buckets) // 2}); draw them with random_rotations(...)"
         )
-    return _hash(xp, x, rotations, num_buckets, attention_mask)
 
 
 def _hash(xp, x, rotations, num_buckets, attention_mask):

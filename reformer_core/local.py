@@ -24,6 +24,7 @@ def local_attention(
     attention_mask: Any = None,
     dropout_rate: float = 0.0,
     dropout_keep: Any = None,
+    check_finite: bool = False,
 ):
     """Attention inside fixed chunks of the sequence plus neighbouring chunks.
 
@@ -40,12 +41,15 @@ def local_attention(
         attention_mask: optional ``(batch, length)`` bool/int, True/1 for real tokens.
         dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask of
             the logits' shape ``(batch, heads, num_chunks, chunk_length, window)``.
+        check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).
 
     Returns:
         ``(batch, heads, length, head_dim)``.
     """
     xp = namespace(q, k, v, attention_mask, dropout_keep)
-    (batch, heads, length, head_dim), keep = check_attention_inputs(xp, {"q": q, "k": k, "v": v}, attention_mask)
+    (batch, heads, length, head_dim), keep = check_attention_inputs(
+        xp, {"q": q, "k": k, "v": v}, attention_mask, causal=causal, check_finite=check_finite
+    )
     check_chunking(length, chunk_length, num_chunks_before, num_chunks_after, "local_attention")
     q = q * (1.0 / math.sqrt(head_dim))
     positions = positions_like(xp, q, length)

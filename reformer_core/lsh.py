@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._arrays import gather_positions, namespace
+from ._arrays import check_flag, gather_positions, namespace
 from .attend import attend, broadcast_keep, check_attention_inputs, check_chunking, shared_qk_keys
 from .chunking import look_adjacent, merge_chunks, split_chunks
 from .config import validate_num_buckets
 from .full import shared_qk_attention
-from .hashing import hash_vectors
+from .hashing import _hash, check_rotations
 from .sorting import sort_by_bucket, unsort
 
 __all__ = ["lsh_attention", "combine_rounds", "duplicate_counts"]
@@ -29,6 +29,7 @@ def lsh_attention(
     duplicate_correction: bool = False,
     dropout_rate: float = 0.0,
     dropout_keep: Any = None,
+    check_finite: bool = False,
 ):
     """Shared-QK attention restricted to tokens that hash alike.
 
@@ -57,18 +58,23 @@ def lsh_attention(
             padding hashes to an extra bucket that sorts last in each round.
         dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask
             ``(batch, heads, num_hashes * length // chunk_length, chunk_length, window)``.
+        check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).
 
     Returns:
         ``(batch, heads, length, head_dim)``, the dtype of ``qk``.
     """
     xp = namespace(qk, v, rotations, attention_mask, dropout_keep)
-    (batch, heads, length, _), keep = check_attention_inputs(xp, {"qk": qk, "v": v}, attention_mask)
+    (batch, heads, length, _), keep = check_attention_inputs(
+        xp, {"qk": qk, "v": v}, attention_mask, causal=causal, check_finite=check_finite
+    )
     validate_num_buckets(num_buckets)
+    check_rotations(xp, qk, rotations, num_buckets)
+    check_flag("duplicate_correction", duplicate_correction)
     check_chunking(length, chunk_length, num_chunks_before, num_chunks_after, "lsh_attention")
     if length <= chunk_length:
         out, _ = shared_qk_attention(xp, qk, v, causal, keep, dropout_rate, dropout_keep)
         return out
-    buckets = hash_vectors(qk, rotations, num_buckets, attention_mask=attention_mask)
+    buckets = _hash(xp, qk, rotations, num_buckets, keep)
     outs, lses = lsh_rounds(
         xp, qk, v, buckets, keep,
         chunk_length=chunk_length, num_chunks_before=num_chunks_before, num_chunks_after=num_chunks_after,

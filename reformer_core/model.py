@@ -80,15 +80,15 @@ def init_params(config: ReformerConfig, seed: int = 0, *, backend: Any = None, d
     """Parameters for ``config``: drawn in float64 NumPy from ``seed``, cast, moved to ``backend``.
 
     Weights are normal with standard deviation ``config.initializer_range``, layer-norm
-    scales one, biases zero. ``backend`` defaults to ``get_backend()``.
+    scales one, biases zero. ``backend``: a backend object or name (default ``get_backend()``).
     """
-    from .backend import get_backend
+    from .backend import resolve_backend
 
     if not isinstance(config, ReformerConfig):
         raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    backend = get_backend() if backend is None else backend
+    backend = resolve_backend(backend)
     return tree_map_with_path(
         lambda path, shape: backend.from_numpy(_init_leaf(path, shape, seed, config.initializer_range), dtype=dtype),
         param_shapes(config),

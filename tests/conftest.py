@@ -1,0 +1,50 @@
+"""Shared fixtures for the unit tests.
+
+Keep this file small: fixtures here are used by several test modules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reformer_core as rc
+import reformer_core.backend as backend_module
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A NumPy generator with a fixed seed, fresh for every test."""
+    return np.random.default_rng(20200113)
+
+
+@pytest.fixture
+def tiny_config() -> rc.ReformerConfig:
+    """A two-layer (LSH, local) model small enough to run in milliseconds.
+
+    Sequences must be multiples of 4 (both chunk lengths) and at most 16 long
+    (``prod(axial_pos_shape)``).
+    """
+    return rc.ReformerConfig(
+        vocab_size=16,
+        d_model=8,
+        num_heads=2,
+        head_dim=4,
+        d_ff=16,
+        attention_layers=("lsh", "local"),
+        num_hashes=2,
+        num_buckets=4,
+        lsh_chunk_length=4,
+        local_chunk_length=4,
+        axial_pos_shape=(4, 4),
+    )
+
+
+@pytest.fixture
+def restore_backend(monkeypatch):
+    """Undo ``set_backend`` (the module global ``_default``) and ignore ``$REFORMER_BACKEND``."""
+    monkeypatch.delenv("REFORMER_BACKEND", raising=False)
+    saved = backend_module._default
+    backend_module._default = None
+    yield
+    backend_module._default = saved
