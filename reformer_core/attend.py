@@ -23,8 +23,17 @@ from ._arrays import (
     rsqrt_mean_square,
 )
 
-__all__ = ["MASK_VALUE", "SELF_MASK_VALUE", "mask_values", "attend", "shared_qk_keys"]
+__all__ = [
+    "MASK_VALUE",
+    "SELF_MASK_VALUE",
+    "mask_values",
+    "attend",
+    "attend_backward",
+    "shared_qk_keys",
+    "shared_qk_keys_backward",
+]
 
+KEY_NORM_EPS = 1e-6
 MASK_VALUE = -1e9
 SELF_MASK_VALUE = -1e5
 # float16 cannot hold -1e9 (its largest magnitude is 65504); these keep the same order.
@@ -52,6 +61,7 @@ def attend(
     logit_bias: Any = None,
     dropout_keep: Any = None,
     dropout_rate: float = 0.0,
+    return_residuals: bool = False,
 ):
     """Softmax attention of ``query`` over ``key``/``value`` with position-based masks.
 
@@ -66,7 +76,9 @@ def attend(
             ``1 / (1 - dropout_rate)``.
 
     Returns:
-        ``(out, logsumexp)``: ``(..., q, dv)`` and ``(..., q)``.
+        ``(out, logsumexp)``: ``(..., q, dv)`` and ``(..., q)``; with ``return_residuals``
+        also what :func:`attend_backward` needs: ``(probs, replaced)``, the softmax before
+        dropout and the bool mask of logits replaced by a constant (or None).
     """
     if dropout_keep is not None or dropout_rate:
         check_dropout(xp, dropout_rate, dropout_keep, (*query.shape[:-1], key.shape[-2]))
@@ -83,14 +95,42 @@ def attend(
         masked = padding if masked is None else xp.logical_or(masked, padding)
     if masked is not None:
         logits = xp.where(masked, xp.asarray(mask_value, dtype=logits.dtype, device=device), logits)
+    replaced = masked
     if self_mask:
         is_self = key_positions[..., None, :] == query_positions[..., :, None]
         logits = xp.where(is_self, xp.asarray(self_value, dtype=logits.dtype, device=device), logits)
+        replaced = is_self if replaced is None else xp.logical_or(replaced, is_self)
     lse = logsumexp(xp, logits, axis=-1)
     probs = xp.exp(logits - lse[..., None])
-    if dropout_keep is not None and dropout_rate > 0.0:
-        probs = xp.where(dropout_keep, probs / (1.0 - dropout_rate), xp.zeros_like(probs))
-    return xp.matmul(probs, value), lse
+    out = xp.matmul(_dropout(xp, probs, dropout_keep, dropout_rate), value)
+    if return_residuals:
+        return out, lse, (probs, replaced)
+    return out, lse
+
+
+def _dropout(xp, x, keep, rate):
+    if keep is None or rate == 0.0:
+        return x
+    return xp.where(keep, x * (1.0 / (1.0 - rate)), xp.zeros_like(x))
+
+
+def attend_backward(xp, query, key, value, residuals, d_out, d_lse=None, *, dropout_keep=None, dropout_rate=0.0):
+    """Vector-Jacobian product of :func:`attend` -> ``(d_query, d_key, d_value)``.
+
+    ``residuals`` is ``(probs, replaced)`` from ``attend(..., return_residuals=True)``;
+    ``d_out`` is ``(..., q, dv)`` and ``d_lse`` the optional ``(..., q)`` cotangent of the
+    log-sum-exp. Logits replaced by a mask constant are constants: no gradient flows there.
+    """
+    probs, replaced = residuals
+    dropped = _dropout(xp, probs, dropout_keep, dropout_rate)
+    d_value = xp.matmul(xp.matrix_transpose(dropped), d_out)
+    d_probs = _dropout(xp, xp.matmul(d_out, xp.matrix_transpose(value)), dropout_keep, dropout_rate)
+    d_logits = probs * (d_probs - xp.sum(d_probs * probs, axis=-1, keepdims=True))
+    if d_lse is not None:
+        d_logits = d_logits + d_lse[..., None] * probs
+    if replaced is not None:
+        d_logits = xp.where(replaced, xp.zeros_like(d_logits), d_logits)
+    return xp.matmul(d_logits, key), xp.matmul(xp.matrix_transpose(d_logits), query), d_value
 
 
 def check_dropout(xp, dropout_rate: Any, dropout_keep: Any, logits_shape: tuple) -> None:
@@ -113,7 +153,15 @@ def check_dropout(xp, dropout_rate: Any, dropout_keep: Any, logits_shape: tuple)
 def shared_qk_keys(xp, qk: Any):
     """Keys of shared-QK attention: ``qk * rsqrt(mean(qk^2, -1) + 1e-6) / sqrt(head_dim)``."""
     head_dim = qk.shape[-1]
-    return qk * (rsqrt_mean_square(xp, qk, 1e-6) * (1.0 / math.sqrt(head_dim)))
+    return qk * (rsqrt_mean_square(xp, qk, KEY_NORM_EPS) * (1.0 / math.sqrt(head_dim)))
+
+
+def shared_qk_keys_backward(xp, qk: Any, d_keys: Any):
+    """VJP of :func:`shared_qk_keys`: with ``a = rsqrt(mean(x^2) + eps)`` and ``s = 1/sqrt(D)``,
+    ``dx = s * (a * dk - x * a^3 * mean(dk * x))``."""
+    a = rsqrt_mean_square(xp, qk, KEY_NORM_EPS)
+    scale = 1.0 / math.sqrt(qk.shape[-1])
+    return scale * (a * d_keys - qk * (a * a * a) * xp.mean(d_keys * qk, axis=-1, keepdims=True))
 
 
 def check_attention_inputs(xp, named: dict[str, Any], attention_mask: Any = None, *, causal: Any = False,

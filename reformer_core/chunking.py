@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["split_chunks", "merge_chunks", "look_adjacent", "pad_to_multiple"]
+__all__ = ["split_chunks", "merge_chunks", "look_adjacent", "look_adjacent_backward", "pad_to_multiple"]
 
 
 def split_chunks(xp, x: Any, chunk_length: int, axis: int = 2):
@@ -35,6 +35,22 @@ def look_adjacent(xp, x: Any, num_chunks_before: int, num_chunks_after: int, axi
     # roll by +s brings chunk c - s to slot c.
     parts = [x if s == 0 else xp.roll(x, s, axis=axis) for s in range(num_chunks_before, -num_chunks_after - 1, -1)]
     return xp.concat(parts, axis=axis + 1)
+
+
+def look_adjacent_backward(xp, d_windows: Any, num_chunks_before: int, num_chunks_after: int, axis: int = 2):
+    """VJP of :func:`look_adjacent`: roll each neighbour's slice back and sum (no scatter)."""
+    if num_chunks_before == 0 and num_chunks_after == 0:
+        return d_windows
+    axis = axis % d_windows.ndim
+    shifts = range(num_chunks_before, -num_chunks_after - 1, -1)
+    width = d_windows.shape[axis + 1] // len(shifts)
+    lead = (slice(None),) * (axis + 1)
+    total = None
+    for k, s in enumerate(shifts):
+        part = d_windows[(*lead, slice(k * width, (k + 1) * width), ...)]
+        part = part if s == 0 else xp.roll(part, -s, axis=axis)
+        total = part if total is None else total + part
+    return total
 
 
 def pad_to_multiple(x: Any, multiple: int, *, value: Any = 0):

@@ -5,14 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 from ._arrays import check_flag, gather_positions, namespace
-from .attend import attend, broadcast_keep, check_attention_inputs, check_chunking, shared_qk_keys
-from .chunking import look_adjacent, merge_chunks, split_chunks
+from .attend import (
+    attend,
+    attend_backward,
+    broadcast_keep,
+    check_attention_inputs,
+    check_chunking,
+    shared_qk_keys,
+    shared_qk_keys_backward,
+)
+from .chunking import look_adjacent, look_adjacent_backward, merge_chunks, split_chunks
 from .config import validate_num_buckets
 from .full import shared_qk_attention
 from .hashing import _hash, check_rotations
 from .sorting import sort_by_bucket, unsort
 
-__all__ = ["lsh_attention", "combine_rounds", "duplicate_counts"]
+__all__ = [
+    "lsh_attention",
+    "lsh_attention_vjp",
+    "lsh_with_buckets",
+    "combine_rounds",
+    "combine_rounds_backward",
+    "duplicate_counts",
+]
 
 
 def lsh_attention(
@@ -63,34 +78,67 @@ def lsh_attention(
     Returns:
         ``(batch, heads, length, head_dim)``, the dtype of ``qk``.
     """
-    xp = namespace(qk, v, rotations, attention_mask, dropout_keep)
-    (batch, heads, length, _), keep = check_attention_inputs(
-        xp, {"qk": qk, "v": v}, attention_mask, causal=causal, check_finite=check_finite
+    xp, keep, options = _validate(qk, v, rotations, attention_mask, dict(
+        num_buckets=num_buckets, chunk_length=chunk_length, num_chunks_before=num_chunks_before,
+        num_chunks_after=num_chunks_after, causal=causal, duplicate_correction=duplicate_correction,
+        dropout_rate=dropout_rate, dropout_keep=dropout_keep), check_finite)
+    out, _ = _lsh(xp, qk, v, rotations, keep, options, with_pullback=False)
+    return out
+
+
+def lsh_attention_vjp(qk: Any, v: Any, rotations: Any, **kwargs):
+    """``(lsh_attention(qk, v, rotations, **kwargs), pullback)``.
+
+    ``pullback(d_out) -> (d_qk, d_v)``. Hashing has no gradient: the buckets (and so the
+    sort) are held fixed, and the rotations get none. Memory: the chunked queries, keys,
+    values and attention probabilities of the forward are kept until the pullback runs.
+    """
+    check_finite = kwargs.pop("check_finite", False)
+    attention_mask = kwargs.pop("attention_mask", None)
+    unknown = set(kwargs) - set(_DEFAULTS)
+    if unknown:
+        raise TypeError(f"lsh_attention_vjp got unexpected arguments {sorted(unknown)}")
+    if "num_buckets" not in kwargs or "chunk_length" not in kwargs:
+        raise TypeError("lsh_attention_vjp needs num_buckets= and chunk_length=")
+    xp, keep, options = _validate(qk, v, rotations, attention_mask, {**_DEFAULTS, **kwargs}, check_finite)
+    return _lsh(xp, qk, v, rotations, keep, options, with_pullback=True)
+
+
+_DEFAULTS = dict(num_buckets=None, chunk_length=None, num_chunks_before=1, num_chunks_after=0, causal=False,
+                 duplicate_correction=False, dropout_rate=0.0, dropout_keep=None)
+
+
+def _validate(qk, v, rotations, attention_mask, options, check_finite):
+    xp = namespace(qk, v, rotations, attention_mask, options["dropout_keep"])
+    (_, _, length, _), keep = check_attention_inputs(
+        xp, {"qk": qk, "v": v}, attention_mask, causal=options["causal"], check_finite=check_finite
     )
-    validate_num_buckets(num_buckets)
-    check_rotations(xp, qk, rotations, num_buckets)
-    check_flag("duplicate_correction", duplicate_correction)
-    check_chunking(length, chunk_length, num_chunks_before, num_chunks_after, "lsh_attention")
-    if length <= chunk_length:
-        out, _ = shared_qk_attention(xp, qk, v, causal, keep, dropout_rate, dropout_keep)
-        return out
-    buckets = _hash(xp, qk, rotations, num_buckets, keep)
-    outs, lses = lsh_rounds(
-        xp, qk, v, buckets, keep,
-        chunk_length=chunk_length, num_chunks_before=num_chunks_before, num_chunks_after=num_chunks_after,
-        causal=causal, duplicate_correction=duplicate_correction,
-        dropout_rate=dropout_rate, dropout_keep=dropout_keep,
-    )
-    return combine_rounds(xp, outs, lses)
+    validate_num_buckets(options["num_buckets"])
+    check_rotations(xp, qk, rotations, options["num_buckets"])
+    check_flag("duplicate_correction", options["duplicate_correction"])
+    check_chunking(length, options["chunk_length"], options["num_chunks_before"], options["num_chunks_after"],
+                   "lsh_attention")
+    return xp, keep, options
 
 
-def lsh_rounds(xp, qk, v, buckets, keep, *, chunk_length, num_chunks_before, num_chunks_after, causal,
-               duplicate_correction=False, dropout_rate=0.0, dropout_keep=None):
-    """Per-round outputs and log-sum-exps for given buckets (no validation).
+def _lsh(xp, qk, v, rotations, keep, options, with_pullback):
+    if qk.shape[2] <= options["chunk_length"]:
+        (out, _), pullback = shared_qk_attention(xp, qk, v, options["causal"], keep, options["dropout_rate"],
+                                                 options["dropout_keep"], with_pullback=with_pullback)
+        return out, pullback
+    buckets = _hash(xp, qk, rotations, options["num_buckets"], keep)
+    return lsh_with_buckets(xp, qk, v, buckets, keep, with_pullback=with_pullback,
+                            **{k: val for k, val in options.items() if k != "num_buckets"})
 
-    Returns ``(outs, lses)`` of shapes ``(b, h, n, L, d)`` and ``(b, h, n, L)``.
+
+def lsh_with_buckets(xp, qk, v, buckets, keep, *, chunk_length, num_chunks_before, num_chunks_after, causal,
+                     duplicate_correction=False, dropout_rate=0.0, dropout_keep=None, with_pullback=False):
+    """LSH attention for given buckets ``(b, h, n, L)`` (no validation).
+
+    Returns ``(out, pullback)``; ``pullback(d_out) -> (d_qk, d_v)`` when ``with_pullback``.
     """
     batch, heads, num_hashes, length = buckets.shape
+    head_dim = v.shape[-1]
     perm, undo = sort_by_bucket(xp, buckets)
     positions = perm % length  # original position of every sorted slot
 
@@ -104,26 +152,48 @@ def lsh_rounds(xp, qk, v, buckets, keep, *, chunk_length, num_chunks_before, num
     key_keep = None
     if keep is not None:
         key_keep = window(xp.take_along_axis(broadcast_keep(xp, keep, heads), positions, axis=-1))
-    out, lse = attend(
-        xp,
-        split_chunks(xp, gather_positions(xp, qk, positions), chunk_length),
-        window(gather_positions(xp, shared_qk_keys(xp, qk), positions)),
-        window(gather_positions(xp, v, positions)),
+    keys = shared_qk_keys(xp, qk)
+    queries = split_chunks(xp, gather_positions(xp, qk, positions), chunk_length)
+    key_windows = window(gather_positions(xp, keys, positions))
+    value_windows = window(gather_positions(xp, v, positions))
+    dropout = {"dropout_keep": dropout_keep, "dropout_rate": dropout_rate}
+    out, lse, residuals = attend(
+        xp, queries, key_windows, value_windows,
         query_positions=split_chunks(xp, positions, chunk_length),
         key_positions=window(positions),
         causal=causal,
         key_keep=key_keep,
         self_mask=True,
         logit_bias=bias,
-        dropout_keep=dropout_keep,
-        dropout_rate=dropout_rate,
+        return_residuals=True,
+        **dropout,
     )
-    out = unsort(xp, merge_chunks(xp, out), undo)
-    lse = unsort(xp, merge_chunks(xp, lse), undo)
-    return (
-        xp.reshape(out, (batch, heads, num_hashes, length, out.shape[-1])),
-        xp.reshape(lse, (batch, heads, num_hashes, length)),
-    )
+    outs = xp.reshape(unsort(xp, merge_chunks(xp, out), undo), (batch, heads, num_hashes, length, head_dim))
+    lses = xp.reshape(unsort(xp, merge_chunks(xp, lse), undo), (batch, heads, num_hashes, length))
+    result = combine_rounds(xp, outs, lses)
+    if not with_pullback:
+        return result, None
+
+    def to_sorted_chunks(x):  # (b, h, n, L, ...) in (round, position) order -> sorted chunks
+        flat = xp.reshape(x, (batch, heads, num_hashes * length, *x.shape[4:]))
+        return split_chunks(xp, unsort(xp, flat, perm), chunk_length)
+
+    def sum_over_rounds(sorted_chunks):  # sorted chunks -> (b, h, L, d), each round's copy added
+        flat = unsort(xp, merge_chunks(xp, sorted_chunks), undo)
+        return xp.sum(xp.reshape(flat, (batch, heads, num_hashes, length, flat.shape[-1])), axis=2)
+
+    def pullback(d_out):
+        d_outs, d_lses = combine_rounds_backward(xp, outs, lses, d_out)
+        d_queries, d_key_windows, d_value_windows = attend_backward(
+            xp, queries, key_windows, value_windows, residuals, to_sorted_chunks(d_outs),
+            None if d_lses is None else to_sorted_chunks(d_lses), **dropout,
+        )
+        d_keys = sum_over_rounds(look_adjacent_backward(xp, d_key_windows, num_chunks_before, num_chunks_after))
+        d_qk = sum_over_rounds(d_queries) + shared_qk_keys_backward(xp, qk, d_keys)
+        d_v = sum_over_rounds(look_adjacent_backward(xp, d_value_windows, num_chunks_before, num_chunks_after))
+        return d_qk, d_v
+
+    return result, pullback
 
 
 def combine_rounds(xp, outs: Any, lses: Any):
@@ -140,6 +210,20 @@ def combine_rounds(xp, outs: Any, lses: Any):
     e = xp.exp(z - xp.max(z, axis=2, keepdims=True))
     weights = e / xp.sum(e, axis=2, keepdims=True)
     return xp.astype(xp.sum(xp.astype(outs, wide) * weights[..., None], axis=2), outs.dtype)
+
+
+def combine_rounds_backward(xp, outs: Any, lses: Any, d_result: Any):
+    """VJP of :func:`combine_rounds` -> ``(d_outs, d_lses)`` (``d_lses`` None for one round)."""
+    if outs.shape[2] == 1:
+        return d_result[:, :, None, ...], None
+    wide = xp.result_type(outs.dtype, xp.float32)
+    z = xp.astype(lses, wide)
+    e = xp.exp(z - xp.max(z, axis=2, keepdims=True))
+    weights = e / xp.sum(e, axis=2, keepdims=True)
+    g = xp.astype(d_result, wide)[:, :, None, ...]
+    d_weights = xp.sum(g * xp.astype(outs, wide), axis=-1)
+    d_z = weights * (d_weights - xp.sum(weights * d_weights, axis=2, keepdims=True))
+    return xp.astype(weights[..., None] * g, outs.dtype), xp.astype(d_z, lses.dtype)
 
 
 def duplicate_counts(xp, perm, undo, length, chunk_length, num_chunks_before, num_chunks_after):

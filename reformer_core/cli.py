@@ -1,0 +1,271 @@
+"""The ``reformer-core`` command: ``info`` (what is installed) and ``bench`` (LSH vs full attention).
+
+Importing this module imports no framework; ``info`` imports only frameworks that are
+installed (to list their devices), ``bench`` only the backends it is asked to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+
+__all__ = ["main"]
+
+# name -> (framework module, pip extra); the registry in reformer_core.backend is the source,
+# this is the fallback should its private layout change.
+_FALLBACK_REGISTRY = {
+    "numpy": ("numpy", None),
+    "strict": ("array_api_strict", "test"),
+    "torch": ("torch", "torch"),
+    "jax": ("jax", "jax"),
+    "cupy": ("cupy", "cupy"),
+}
+
+
+# ---------------------------------------------------------------- info
+
+
+def _framework_and_extra(name: str) -> tuple[str, str | None]:
+    from . import backend as backend_module
+
+    entry = getattr(backend_module, "_REGISTRY", {}).get(name)
+    if isinstance(entry, tuple) and len(entry) == 3:
+        return entry[1], entry[2]
+    return _FALLBACK_REGISTRY.get(name, (name, name))
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> dict:
+    return metadata.packages_distributions()
+
+
+def _framework_version(framework: str) -> str | None:
+    """Installed version of a top-level module's distribution, read without importing it."""
+    try:
+        distributions = _distributions().get(framework) or [framework]
+        return metadata.version(distributions[0])
+    except (metadata.PackageNotFoundError, OSError, ValueError):
+        return None
+
+
+def _install_hint(framework: str, extra: str | None) -> str:
+    return f"pip install 'reformer-core[{extra}]'" if extra else f"pip install {framework}"
+
+
+def collect_info() -> dict:
+    """Everything ``reformer-core info`` shows, as a JSON-ready dict."""
+    import numpy as np
+
+    from . import __version__
+    from .backend import available_backends, known_backends, use_backend
+
+    usable = set(available_backends())
+    backends = []
+    for name in known_backends():
+        framework, extra = _framework_and_extra(name)
+        installed = importlib.util.find_spec(framework) is not None  # finds, does not import
+        entry = {
+            "name": name,
+            "framework": framework,
+            "installed": installed,
+            "framework_version": _framework_version(framework) if installed else None,
+            "usable": False,
+            "install": None if installed else _install_hint(framework, extra),
+        }
+        if installed and name not in usable:
+            entry["note"] = f"{framework} is installed, but this version of reformer-core has no {name} adapter"
+        elif installed:
+            try:
+                with use_backend(name) as backend:
+                    entry.update(backend.describe())
+                entry["usable"] = True
+            except Exception as error:  # a broken install: report it, do not crash `info`
+                entry["error"] = f"{type(error).__name__}: {error}"
+        backends.append(entry)
+    return {
+        "reformer_core": __version__,
+        "python": f"{platform.python_version()} ({platform.python_implementation()}) {sys.executable}",
+        "numpy": np.__version__,
+        "array_api_compat": _framework_version("array_api_compat"),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "default_backend": os.environ.get("REFORMER_BACKEND") or "numpy",
+        "backends": backends,
+    }
+
+
+def format_info(info: dict) -> str:
+    from ._bench import short_device
+
+    lines = [
+        f"reformer-core     {info['reformer_core']}",
+        f"python            {info['python']}",
+        f"numpy             {info['numpy']}",
+        f"array-api-compat  {info['array_api_compat']}",
+        f"platform          {info['platform']}, {info['cpu_count']} CPUs",
+        "",
+        f"backends (default: {info['default_backend']}; choose with REFORMER_BACKEND or --backends):",
+    ]
+    for entry in info["backends"]:
+        if entry["usable"]:
+            status = "ready"
+            version = f"{entry['framework']} {entry.get('version') or entry['framework_version']}"
+            detail = "devices: " + ", ".join(short_device(d) for d in entry.get("devices", []))
+        elif not entry["installed"]:
+            status, version, detail = "not installed", "-", f"install: {entry['install']}"
+        elif "error" in entry:
+            status = "broken"
+            version = f"{entry['framework']} {entry['framework_version']}"
+            detail = entry["error"]
+        else:
+            status = "no adapter"
+            version = f"{entry['framework']} {entry['framework_version']}"
+            detail = entry.get("note", "")
+        lines.append(f"  {entry['name']:<7} {status:<14} {version:<24} {detail}")
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1024,2048, got {text!r}")
+    if not values or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import _bench
+    from ._progress import Progress
+
+    try:
+        backends = _bench.resolve_backends(args.backends)
+        settings = _bench.BenchSettings(
+            backends=backends,
+            lengths=args.lengths or (_bench.QUICK_LENGTHS if args.quick else _bench.DEFAULT_LENGTHS),
+            num_hashes=args.hashes,
+            include_full=not args.no_full,
+            batch=args.batch,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            chunk_length=args.chunk_length,
+            causal=not args.no_causal,
+            dtype=args.dtype,
+            repeats=args.repeats or (1 if args.quick else 3),
+            measure_memory=not args.no_memory,
+            memory_budget_gb=args.memory_budget_gb,
+            time_budget_s=args.time_budget,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        print(f"reformer-core bench: error: {error}", file=sys.stderr)
+        return 2
+    total = len(settings.backends) * len(settings.lengths) * len(settings.methods)
+    with Progress(total, label="bench", enabled=not args.no_progress) as progress:
+        report = _bench.run_benchmark(settings, progress, argv=argv)
+    print(_bench.format_report(report))
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    errors = [row for row in report["results"] if row["status"] == "error"]
+    if errors:
+        print(f"reformer-core bench: {len(errors)} configuration(s) failed; see the table", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reformer-core",
+        description="The Reformer written once against the Python Array API: inspect and benchmark backends.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    info = commands.add_parser("info", help="list backends: installed or not, versions, devices, how to install")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    bench = commands.add_parser(
+        "bench",
+        help="time and measure memory of LSH attention (1-8 hashes) vs full attention",
+        description=(
+            "Forward time and peak memory of LSH attention with 1, 2, 4, 8 hashes versus full "
+            "attention, per backend and sequence length (batch 1, 2 heads, head_dim 64, "
+            "chunk_length 64, causal, float32 unless told otherwise)."
+        ),
+    )
+    bench.add_argument("--backends", metavar="LIST", help="comma-separated backends, or 'all' installed (default: numpy)")
+    bench.add_argument("--lengths", type=_int_list, metavar="LIST",
+                       help="sequence lengths (default 1024,2048,4096,8192,16384; --quick: 1024,2048,4096)")
+    bench.add_argument("--hashes", type=_int_list, default=(1, 2, 4, 8), metavar="LIST",
+                       help="LSH hash rounds to compare (default 1,2,4,8)")
+    bench.add_argument("--no-full", action="store_true", help="leave out full attention")
+    bench.add_argument("--repeats", type=int, metavar="N", help="timed calls per configuration; the median is reported (default 3; --quick: 1)")
+    bench.add_argument("--quick", action="store_true", help="lengths 1024,2048,4096 and 1 repeat (well under a minute)")
+    bench.add_argument("--memory-budget-gb", type=_positive_float, default=8.0, metavar="GB",
+                       help="skip a configuration whose estimated peak memory exceeds this (default 8)")
+    bench.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
+                       help="skip configurations once this much time is spent (or would be; default: none)")
+    bench.add_argument("--no-memory", action="store_true", help="time only; skip the peak-memory run")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--heads", type=int, default=2)
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--chunk-length", type=int, default=64)
+    bench.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32", "float64"))
+    bench.add_argument("--no-causal", action="store_true", help="no causal mask (default: causal)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of inputs and rotations")
+    bench.add_argument("--json", metavar="PATH", help="write the results, settings, versions and hardware as JSON")
+    bench.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``reformer-core`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            return _cmd_info(args)
+        return _cmd_bench(args, argv)
+    except BrokenPipeError:  # `reformer-core bench | head`: stop quietly, as other shell tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

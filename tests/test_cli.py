@@ -1,0 +1,170 @@
+"""The ``reformer-core`` command line: info, bench, errors, and no framework on import."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from reformer_core import _bench
+from reformer_core._progress import Progress
+from reformer_core.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_info_lists_every_known_backend(capsys):
+    import reformer_core
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy" in out and "ready" in out
+    for name in reformer_core.known_backends():
+        assert name in out
+    assert "python" in out and "platform" in out
+
+
+def test_info_json_marks_numpy_usable(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    by_name = {entry["name"]: entry for entry in info["backends"]}
+    assert by_name["numpy"]["usable"] and by_name["numpy"]["devices"] == ["cpu"]
+    for entry in info["backends"]:
+        assert entry["installed"] or entry["install"].startswith("pip install")
+
+
+def test_info_runs_as_a_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "reformer_core.cli", "info"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "numpy" in result.stdout
+
+
+def test_bench_quick_writes_json(tmp_path, capsys):
+    path = tmp_path / "out" / "bench.json"
+    status = main(["bench", "--quick", "--lengths", "512,1024", "--json", str(path), "--no-progress"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "lsh x8" in out and "full" in out and "time relative to L=512" in out
+
+    report = json.loads(path.read_text())
+    assert report["schema"] == _bench.SCHEMA
+    assert report["settings"]["lengths"] == [512, 1024]
+    assert report["settings"]["repeats"] == 1
+    assert report["settings"]["causal"] is True and report["settings"]["dtype"] == "float32"
+    assert report["versions"]["numpy"] and report["versions"]["python"]
+    assert report["hardware"]["cpu_count"] >= 1 and report["hardware"]["platform"]
+    assert report["backends"]["numpy"]["backend"] == "numpy"
+    methods = [m["name"] for m in report["methods"]]
+    assert methods == ["lsh-1", "lsh-2", "lsh-4", "lsh-8", "full"]
+    assert len(report["results"]) == 2 * len(methods)
+    for row in report["results"]:
+        assert row["status"] == "ok", row
+        assert row["time_s"] > 0 and len(row["times_s"]) == 1
+        assert row["peak_memory_bytes"] > 0
+        assert row["time_vs_first"] is not None
+        if row["kind"] == "lsh":
+            assert row["num_buckets"] == _bench.default_num_buckets(row["length"], 64)
+
+
+def test_bench_skips_over_memory_budget(capsys):
+    # full attention at L=1024: 4 * 1024^2 * 2 heads * 4 bytes = 32 MiB > 0.02 GB
+    settings = _bench.BenchSettings(lengths=(256,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02)
+    report = _bench.run_benchmark(settings)
+    assert [r["status"] for r in report["results"]] == ["ok", "ok"]
+    settings = _bench.BenchSettings(lengths=(1024,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02)
+    report = _bench.run_benchmark(settings)
+    statuses = {r["method"]: r["status"] for r in report["results"]}
+    assert statuses == {"lsh-1": "ok", "full": "skipped: memory"}
+    assert "skipped: memory" in _bench.format_report(report)
+
+
+def test_bench_skips_when_time_budget_runs_out():
+    settings = _bench.BenchSettings(lengths=(128, 256), num_hashes=(1,), repeats=1, time_budget_s=1e-9)
+    report = _bench.run_benchmark(settings)
+    assert {r["status"] for r in report["results"]} == {"skipped: time"}
+
+
+def test_bench_unknown_backend_fails_clearly(capsys):
+    assert main(["bench", "--backends", "nosuch", "--quick"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown backend 'nosuch'" in err and "numpy" in err
+
+
+def test_bench_rejects_bad_lengths(capsys):
+    assert main(["bench", "--lengths", "100"]) != 0
+    assert "multiple of chunk_length" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--lengths", "abc"])
+    assert exit_info.value.code != 0
+
+
+def test_bench_console_script_exit_status():
+    result = subprocess.run(
+        [sys.executable, "-m", "reformer_core.cli", "bench", "--backends", "nosuch"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "nosuch" in result.stderr
+
+
+def test_importing_the_cli_imports_no_framework():
+    code = textwrap.dedent(
+        """
+        import sys
+        import reformer_core
+        import reformer_core.cli
+        import reformer_core._bench
+        import reformer_core._progress
+        loaded = sorted(m for m in ("torch", "jax", "jaxlib", "cupy") if m in sys.modules)
+        print(",".join(loaded))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"importing reformer_core.cli imported {result.stdout.strip()}"
+
+
+def test_progress_prints_a_line_per_step_when_not_a_tty():
+    stream = io.StringIO()
+    with Progress(3, label="bench", stream=stream) as progress:
+        progress.step("first")
+        progress.step("second")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("bench [1/3") and lines[0].endswith("first")
+    assert lines[-1].endswith("done")
+
+
+def test_progress_redraws_one_line_on_a_tty():
+    stream = io.StringIO()
+    progress = Progress(2, stream=stream, tty=True, width=4)
+    progress.step("a")
+    progress.step("b")
+    progress.close()
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.count("\r") == 3 and "[####]" in text
+
+
+def test_progress_disabled_writes_nothing():
+    stream = io.StringIO()
+    with Progress(2, stream=stream, enabled=False) as progress:
+        progress.step("a")
+    assert stream.getvalue() == ""
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    result = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run"), "--print-test-command"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.strip()
+    assert "python -m pytest" in command
+    assert command in readme
