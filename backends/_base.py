@@ -32,6 +32,7 @@ class Backend:
     framework: str = ""
     extra: str | None = None
     capabilities: frozenset[str] = frozenset()
+    autodiff: bool = False  # True where vjp comes from the framework, not the hand-written rules
 
     def __init__(self, device: Any = None) -> None:
         self.device = self.default_device() if device is None else self.parse_device(device)
@@ -86,8 +87,14 @@ class Backend:
 
     # ---- differentiation ----
     def vjp(self, fn: Callable, *primals: Any):
-        """``(fn(*primals), pullback)`` with ``pullback(cotangent) -> grads of primals``."""
-        raise NotImplementedError(f"backend {self.name!r} does not differentiate yet")
+        """``(fn(*primals), pullback)`` with ``pullback(cotangent) -> grads of primals``.
+
+        The default uses reformer_core's hand-written rules (``fn`` must be a
+        ``reformer_core.autodiff.Differentiable``); frameworks with autodiff override it.
+        """
+        from reformer_core.autodiff import rule_vjp
+
+        return rule_vjp(fn, *primals)
 
     # ---- misc ----
     def version(self) -> str:

@@ -22,6 +22,7 @@ from ._arrays import (
     logsumexp,
     rsqrt_mean_square,
 )
+from .layers import dropout
 
 __all__ = [
     "MASK_VALUE",
@@ -102,16 +103,10 @@ def attend(
         replaced = is_self if replaced is None else xp.logical_or(replaced, is_self)
     lse = logsumexp(xp, logits, axis=-1)
     probs = xp.exp(logits - lse[..., None])
-    out = xp.matmul(_dropout(xp, probs, dropout_keep, dropout_rate), value)
+    out = xp.matmul(dropout(xp, probs, dropout_keep, dropout_rate), value)
     if return_residuals:
         return out, lse, (probs, replaced)
     return out, lse
-
-
-def _dropout(xp, x, keep, rate):
-    if keep is None or rate == 0.0:
-        return x
-    return xp.where(keep, x * (1.0 / (1.0 - rate)), xp.zeros_like(x))
 
 
 def attend_backward(xp, query, key, value, residuals, d_out, d_lse=None, *, dropout_keep=None, dropout_rate=0.0):
@@ -122,9 +117,9 @@ def attend_backward(xp, query, key, value, residuals, d_out, d_lse=None, *, drop
     log-sum-exp. Logits replaced by a mask constant are constants: no gradient flows there.
     """
     probs, replaced = residuals
-    dropped = _dropout(xp, probs, dropout_keep, dropout_rate)
+    dropped = dropout(xp, probs, dropout_keep, dropout_rate)
     d_value = xp.matmul(xp.matrix_transpose(dropped), d_out)
-    d_probs = _dropout(xp, xp.matmul(d_out, xp.matrix_transpose(value)), dropout_keep, dropout_rate)
+    d_probs = dropout(xp, xp.matmul(d_out, xp.matrix_transpose(value)), dropout_keep, dropout_rate)
     d_logits = probs * (d_probs - xp.sum(d_probs * probs, axis=-1, keepdims=True))
     if d_lse is not None:
         d_logits = d_logits + d_lse[..., None] * probs

@@ -13,27 +13,34 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import framework_of, namespace
+from ._arrays import check_same_device, device_of, framework_of, logsumexp, namespace
+from .blocks import reversible_layers
 from .config import ReformerConfig
-from .embedding import axial_positional_embedding, token_embedding
-from .full import full_attention
-from .layers import apply_in_chunks, dense, dropout, feed_forward, layer_norm
-from .local import local_attention
-from .lsh import lsh_attention
+from .embedding import (
+    axial_positional_embedding,
+    axial_positional_embedding_backward,
+    token_embedding,
+    token_embedding_backward,
+)
 from .hashing import random_rotations
+from .layers import dense, dense_vjp, dropout, layer_norm, layer_norm_vjp
 from .reversible import reversible_forward
 from .tree import tree_map_with_path, tree_paths
 
 __all__ = [
     "init_params",
     "param_shapes",
+    "check_params",
     "apply",
     "sample_rotations",
     "sample_dropout_masks",
-    "layer_blocks",
+    "resolve_rotations",
     "embed",
+    "embed_vjp",
     "output_head",
+    "output_head_vjp",
     "cross_entropy_loss",
+    "cross_entropy_loss_vjp",
 ]
 
 
@@ -177,89 +184,54 @@ def sample_dropout_masks(config: ReformerConfig, batch: int, length: int, seed: 
     }
 
 
-# ---------------------------------------------------------------- blocks
-
-
-def _split_heads(xp, x, heads):
-    batch, length, inner = x.shape
-    return xp.permute_dims(xp.reshape(x, (batch, length, heads, inner // heads)), (0, 2, 1, 3))
-
-
-def _merge_heads(xp, x):
-    batch, heads, length, head_dim = x.shape
-    return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (batch, length, heads * head_dim))
-
-
-def attention_block(xp, params, x, kind, config, *, rotations=None, attention_mask=None, probs_keep=None):
-    """``Attention(LayerNorm(x))`` of one layer: ``(batch, length, d_model)`` in and out."""
-    h = layer_norm(xp, x, params["norm"], config.layer_norm_eps)
-
-    def heads(name):
-        return _split_heads(xp, xp.matmul(h, params[name]), config.num_heads)
-
-    dropout_args = {"dropout_rate": config.attention_dropout, "dropout_keep": probs_keep}
-    if kind == "lsh":
-        out = lsh_attention(
-            heads("qk"), heads("v"), rotations,
-            num_buckets=config.num_buckets_for(x.shape[1]), chunk_length=config.lsh_chunk_length,
-            num_chunks_before=config.lsh_num_chunks_before, num_chunks_after=config.lsh_num_chunks_after,
-            causal=config.causal, attention_mask=attention_mask,
-            duplicate_correction=config.duplicate_correction, **dropout_args,
-        )
-    elif kind == "full":
-        out = full_attention(heads("qk"), heads("v"), causal=config.causal, attention_mask=attention_mask,
-                             **dropout_args)
-    else:
-        out = local_attention(
-            heads("q"), heads("k"), heads("v"),
-            chunk_length=config.local_chunk_length, num_chunks_before=config.local_num_chunks_before,
-            num_chunks_after=config.local_num_chunks_after, causal=config.causal,
-            attention_mask=attention_mask, **dropout_args,
-        )
-    return xp.matmul(_merge_heads(xp, out), params["out"])
-
-
-def feed_forward_block(xp, params, x, config):
-    """``FeedForward(LayerNorm(x))``, ``config.ff_chunk_length`` positions at a time."""
-
-    def position_wise(piece):
-        return feed_forward(xp, layer_norm(xp, piece, params["norm"], config.layer_norm_eps), params,
-                            activation_name=config.ff_activation)
-
-    return apply_in_chunks(xp, position_wise, x, config.ff_chunk_length, axis=1)
-
-
-def layer_blocks(xp, params, config, *, rotations, attention_mask=None, dropout_masks=None):
-    """``[(F_i, G_i)]`` for every layer, with randomness and masks bound in."""
-    blocks = []
-    for i, kind in enumerate(config.attention_layers):
-        layer = params["layers"][i]
-        masks = dropout_masks["layers"][i] if dropout_masks else {}
-
-        def f(x, layer=layer, kind=kind, rot=rotations[i], masks=masks):
-            out = attention_block(xp, layer["attention"], x, kind, config, rotations=rot,
-                                  attention_mask=attention_mask, probs_keep=masks.get("attention_probs"))
-            return dropout(xp, out, masks.get("attention"), config.hidden_dropout)
-
-        def g(x, layer=layer, masks=masks):
-            out = feed_forward_block(xp, layer["feed_forward"], x, config)
-            return dropout(xp, out, masks.get("feed_forward"), config.hidden_dropout)
-
-        blocks.append((f, g))
-    return blocks
+# ---------------------------------------------------------------- embedding and head
 
 
 def embed(xp, params, tokens, config, keep=None):
-    """Token plus axial positional embedding, ``(batch, length, d_model)``."""
-    x = token_embedding(xp, tokens, params["embedding"]["tokens"])
-    x = x + axial_positional_embedding(xp, params["embedding"]["axial"], tokens.shape[1])
+    """Token plus axial positional embedding, ``(batch, length, d_model)``.
+
+    ``params`` is the ``"embedding"`` entry of the model's parameters.
+    """
+    x = token_embedding(xp, tokens, params["tokens"])
+    x = x + axial_positional_embedding(xp, params["axial"], tokens.shape[1])
     return dropout(xp, x, keep, config.hidden_dropout)
 
 
+def embed_vjp(xp, params, tokens, config, keep=None):
+    """``(embed(...), pullback)``; ``pullback(d_x) -> d_params`` (tokens have no gradient)."""
+
+    def pullback(d_x):
+        d_x = dropout(xp, d_x, keep, config.hidden_dropout)
+        d_positions = xp.sum(d_x, axis=0)
+        return {
+            "tokens": token_embedding_backward(xp, tokens, d_x, params["tokens"].shape[0]),
+            "axial": axial_positional_embedding_backward(xp, params["axial"], d_positions),
+        }
+
+    return embed(xp, params, tokens, config, keep), pullback
+
+
 def output_head(xp, params, y1, y2, config, keep=None):
-    """``Dense(LayerNorm(concat([Y1, Y2])))`` -> logits ``(batch, length, vocab)``."""
+    """``Dense(LayerNorm(concat([Y1, Y2])))`` -> logits ``(batch, length, vocab)``.
+
+    ``params`` holds the model's ``"final_norm"`` and ``"output"`` entries.
+    """
     h = layer_norm(xp, xp.concat([y1, y2], axis=-1), params["final_norm"], config.layer_norm_eps)
     return dense(xp, dropout(xp, h, keep, config.hidden_dropout), params["output"])
+
+
+def output_head_vjp(xp, params, y1, y2, config, keep=None):
+    """``(output_head(...), pullback)``; ``pullback(d_logits) -> (d_params, d_y1, d_y2)``."""
+    h, norm_pullback = layer_norm_vjp(xp, xp.concat([y1, y2], axis=-1), params["final_norm"], config.layer_norm_eps)
+    logits, dense_pullback = dense_vjp(xp, dropout(xp, h, keep, config.hidden_dropout), params["output"])
+
+    def pullback(d_logits):
+        d_output, d_h = dense_pullback(d_logits)
+        d_norm, d_cat = norm_pullback(dropout(xp, d_h, keep, config.hidden_dropout))
+        width = y1.shape[-1]
+        return {"final_norm": d_norm, "output": d_output}, d_cat[..., :width], d_cat[..., width:]
+
+    return logits, pullback
 
 
 # ---------------------------------------------------------------- model
@@ -318,22 +290,28 @@ def apply(
     table = params["embedding"]["tokens"]
     xp = namespace(tokens, table, attention_mask)
     check_tokens(xp, tokens, config, check_values)
-    from ._arrays import check_same_device
-
     check_same_device({"tokens": tokens, "params": table, "attention_mask": attention_mask})
     batch, length = tokens.shape
     masks = None
     if dropout_seed is not None:
         masks = sample_dropout_masks(config, batch, length, dropout_seed, backend=backend_for(table))
-    x = embed(xp, params, tokens, config, masks["embedding"] if masks else None)
-    if rotations is None:
-        rotations = sample_rotations(config, length, rotations_seed, like=x)
-    elif len(rotations) != config.num_layers:
-        raise ValueError(f"rotations must have one entry per layer ({config.num_layers}), got {len(rotations)}")
-    blocks = layer_blocks(xp, params, config, rotations=rotations, attention_mask=attention_mask,
-                          dropout_masks=masks)
-    y1, y2 = reversible_forward(blocks, x, x)
+    x = embed(xp, params["embedding"], tokens, config, masks["embedding"] if masks else None)
+    rotations = resolve_rotations(config, length, rotations_seed, rotations, like=x)
+    layers = reversible_layers(xp, params, config, rotations=rotations, attention_mask=attention_mask,
+                               dropout_masks=masks)
+    y1, y2 = reversible_forward(layers, x, x)
     return output_head(xp, params, y1, y2, config, masks["output"] if masks else None)
+
+
+def resolve_rotations(config, length, rotations_seed, rotations, *, like):
+    """Explicit rotations (checked: one entry per layer) or those drawn from the seed."""
+    if rotations is None:
+        return sample_rotations(config, length, rotations_seed, like=like)
+    if not isinstance(rotations, (list, tuple)) or len(rotations) != config.num_layers:
+        count = len(rotations) if hasattr(rotations, "__len__") else type(rotations).__name__
+        raise ValueError(f"rotations must have one entry per layer ({config.num_layers}), got {count}; "
+                         f"draw them with reformer_core.sample_rotations(config, length, seed, like=...)")
+    return rotations
 
 
 def cross_entropy_loss(logits: Any, targets: Any, *, weights: Any = None):
@@ -343,9 +321,18 @@ def cross_entropy_loss(logits: Any, targets: Any, *, weights: Any = None):
         logits: ``(batch, length, vocab)``; computed in at least float32.
         targets: int ``(batch, length)``.
         weights: optional ``(batch, length)`` float or bool, e.g. 1 on the positions to score.
-    """
-    from ._arrays import logsumexp
 
+    Returns:
+        a 0-d array of at least float32.
+    """
+    return cross_entropy_loss_vjp(logits, targets, weights=weights, with_pullback=False)[0]
+
+
+def cross_entropy_loss_vjp(logits: Any, targets: Any, *, weights: Any = None, with_pullback: bool = True):
+    """``(loss, pullback)``; ``pullback(d_loss) -> d_logits`` (in the logits' dtype).
+
+    ``d_logits = d_loss * w * (softmax(logits) - onehot(target)) / sum(w)``.
+    """
     xp = namespace(logits, targets, weights)
     if logits.ndim != 3 or tuple(targets.shape) != tuple(logits.shape[:2]):
         raise ValueError(
@@ -354,13 +341,27 @@ def cross_entropy_loss(logits: Any, targets: Any, *, weights: Any = None):
         )
     if not xp.isdtype(targets.dtype, "integral"):
         raise TypeError(f"targets must be integers, got {targets.dtype}")
-    wide = xp.result_type(logits.dtype, xp.float32)
-    logits = xp.astype(logits, wide)
-    picked = xp.take_along_axis(logits, xp.astype(targets, xp.int64)[..., None], axis=-1)[..., 0]
-    nll = logsumexp(xp, logits, axis=-1) - picked
-    if weights is None:
-        return xp.mean(nll)
-    if tuple(weights.shape) != tuple(targets.shape):
+    if weights is not None and tuple(weights.shape) != tuple(targets.shape):
         raise ValueError(f"weights must have the targets' shape {tuple(targets.shape)}, got {tuple(weights.shape)}")
-    weights = xp.astype(weights, wide)
-    return xp.sum(nll * weights) / xp.sum(weights)
+    wide = xp.result_type(logits.dtype, xp.float32)
+    wide_logits = xp.astype(logits, wide)
+    targets = xp.astype(targets, xp.int64)
+    lse = logsumexp(xp, wide_logits, axis=-1)
+    nll = lse - xp.take_along_axis(wide_logits, targets[..., None], axis=-1)[..., 0]
+    if weights is None:
+        w = xp.full(tuple(targets.shape), 1.0 / (targets.shape[0] * targets.shape[1]), dtype=wide,
+                    device=device_of(logits))
+    else:
+        w = xp.astype(weights, wide)
+        w = w / xp.sum(w)
+    loss = xp.sum(nll * w)
+    if not with_pullback:
+        return loss, None
+
+    def pullback(d_loss):
+        vocab = xp.arange(logits.shape[-1], dtype=xp.int64, device=device_of(logits))
+        one_hot = xp.astype(targets[..., None] == vocab, wide)
+        probs = xp.exp(wide_logits - lse[..., None])
+        return xp.astype((probs - one_hot) * (w * d_loss)[..., None], logits.dtype)
+
+    return loss, pullback

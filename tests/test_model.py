@@ -8,7 +8,7 @@ import pytest
 import reformer_core as rc
 from reformer_core.embedding import axial_positional_embedding
 from reformer_core.layers import apply_in_chunks, layer_norm
-from reformer_core.model import feed_forward_block
+from reformer_core.blocks import feed_forward_block
 
 
 def config(**changes):

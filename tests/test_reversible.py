@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import reformer_core as rc
-from reformer_core.model import layer_blocks, sample_dropout_masks, sample_rotations
+from reformer_core.blocks import reversible_layers
+from reformer_core.model import sample_dropout_masks, sample_rotations
 from reformer_core.backend import get_backend
 from reformer_core.tree import tree_map_with_path
 
@@ -31,7 +32,7 @@ def test_inverse_recovers_input_of_12_layers(dtype, tolerance, dropout):
     params = tree_map_with_path(lambda path, w: w if "norm" in path else w * 10, params)
     x = np.random.default_rng(0).standard_normal((2, 64, 32)).astype(dtype)
     masks = sample_dropout_masks(config, 2, 64, 3, backend=get_backend()) if dropout else None
-    blocks = layer_blocks(np, params, config, rotations=sample_rotations(config, 64, 1, like=x),
+    blocks = reversible_layers(np, params, config, rotations=sample_rotations(config, 64, 1, like=x),
                           dropout_masks=masks)
     y1, y2 = rc.reversible_forward(blocks, x, x)
     assert y1.dtype == np.dtype(dtype)
@@ -47,7 +48,8 @@ def test_forward_matches_plain_residual_equations():
     params = rc.init_params(config, 2, dtype="float64")
     rng = np.random.default_rng(1)
     x1, x2 = rng.standard_normal((2, 2, 64, 32))
-    (f, g), = layer_blocks(np, params, config, rotations=[None])
-    y1, y2 = rc.reversible_forward([(f, g)], x1, x2)
-    np.testing.assert_allclose(y1, x1 + f(x2), rtol=1e-14)
-    np.testing.assert_allclose(y2, x2 + g(x1 + f(x2)), rtol=1e-14)
+    (layer,) = reversible_layers(np, params, config, rotations=[None])
+    y1, y2 = rc.reversible_forward([layer], x1, x2)
+    f_x2 = layer.f(layer.f_params, x2)
+    np.testing.assert_allclose(y1, x1 + f_x2, rtol=1e-14)
+    np.testing.assert_allclose(y2, x2 + layer.g(layer.g_params, x1 + f_x2), rtol=1e-14)

@@ -119,11 +119,12 @@ def test_model_apply_and_loss(strict, dropout_seed):
 
 def test_reversible_inverse(strict):
     config = small_config(hidden_dropout=0.0, attention_dropout=0.0)
-    from reformer_core.model import layer_blocks, sample_rotations
+    from reformer_core.blocks import reversible_layers
+    from reformer_core.model import sample_rotations
 
     x = strict.from_numpy(np.random.default_rng(0).standard_normal((2, 32, 16)))
     params = rc.init_params(config, 0, dtype="float64")
-    blocks = layer_blocks(strict.xp, params, config, rotations=sample_rotations(config, 32, 0, like=x))
+    blocks = reversible_layers(strict.xp, params, config, rotations=sample_rotations(config, 32, 0, like=x))
     y1, y2 = rc.reversible_forward(blocks, x, x)
     x1, x2 = rc.reversible_inverse(blocks, y1, y2)
     assert_on(strict, x1)
