@@ -4,6 +4,7 @@ The public API is re-exported here explicitly; everything else is private.
 """
 
 from .backend import available_backends, backend_for, get_backend, known_backends, set_backend, use_backend
+from .checkpoint import load_checkpoint, save_checkpoint
 from .chunking import pad_to_multiple
 from .config import ReformerConfig, default_num_buckets
 from .full import full_attention
@@ -27,6 +28,7 @@ __all__ = [
     "hash_vectors",
     "init_params",
     "known_backends",
+    "load_checkpoint",
     "local_attention",
     "lsh_attention",
     "pad_to_multiple",
@@ -35,6 +37,7 @@ __all__ = [
     "reversible_forward",
     "reversible_inverse",
     "sample_rotations",
+    "save_checkpoint",
     "set_backend",
     "use_backend",
 ]

@@ -160,9 +160,37 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _write_json(path: str, report: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+        handle.write("\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _cmd_bench_memory(args: argparse.Namespace) -> int:
+    from ._memory import format_memory_report, memory_report
+
+    report = memory_report(quick=args.quick)
+    print(format_memory_report(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import run_train_command
+
+    return run_train_command(args)
+
+
 def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     from . import _bench
     from ._progress import Progress
+
+    if args.memory:
+        return _cmd_bench_memory(args)
 
     try:
         backends = _bench.resolve_backends(args.backends)
@@ -191,12 +219,7 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
         report = _bench.run_benchmark(settings, progress, argv=argv)
     print(_bench.format_report(report))
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        _write_json(args.json, report)
     errors = [row for row in report["results"] if row["status"] == "error"]
     if errors:
         print(f"reformer-core bench: {len(errors)} configuration(s) failed; see the table", file=sys.stderr)
@@ -210,7 +233,7 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reformer-core",
-        description="The Reformer written once against the Python Array API: inspect and benchmark backends.",
+        description="The Reformer written once against the Python Array API: inspect, benchmark and train.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -249,6 +272,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of inputs and rotations")
     bench.add_argument("--json", metavar="PATH", help="write the results, settings, versions and hardware as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    bench.add_argument("--memory", action="store_true",
+                       help="instead: training-step memory against depth (reversible vs storing activations) and "
+                            "feed-forward backward memory against length, on NumPy")
+
+    train = commands.add_parser(
+        "train",
+        help="train a small Reformer on the paper's duplication task (0 w 0 w) and evaluate with 1-8 hashes",
+    )
+    train.add_argument("--task", choices=("copy",), default="copy", help="the task (only 'copy' for now)")
+    train.add_argument("--backend", default=None, help="backend name, e.g. numpy or strict:device1 (default: current)")
+    train.add_argument("--length", type=int, default=128, help="sequence length, even (default 128)")
+    train.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--hashes", type=int, default=2, help="LSH hash rounds while training (default 2)")
+    train.add_argument("--attention", choices=("lsh", "full", "local"), default="lsh",
+                       help="attention used while training (default lsh)")
+    train.add_argument("--chunk-length", type=int, default=16)
+    train.add_argument("--d-model", type=int, default=128)
+    train.add_argument("--learning-rate", type=float, default=2e-3)
+    train.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop training after this long")
+    train.add_argument("--json", metavar="PATH", help="write final metrics and the learning curve as JSON")
+    train.add_argument("--checkpoint", metavar="PATH", help="save the trained parameters here (.npz)")
+    train.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -260,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             return _cmd_info(args)
+        if args.command == "train":
+            return _cmd_train(args)
         return _cmd_bench(args, argv)
     except BrokenPipeError:  # `reformer-core bench | head`: stop quietly, as other shell tools do
         devnull = os.open(os.devnull, os.O_WRONLY)
