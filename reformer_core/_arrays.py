@@ -38,10 +38,15 @@ _FRAMEWORK_BY_MODULE = {
 def framework_of(array: Any) -> str | None:
     """Name of the framework that made ``array`` ('numpy', 'torch', ...), or None.
 
-    Looks only at the array's type, so it never imports a framework.
+    Looks only at the array's type, so it never imports a framework. Arrays of other
+    libraries that implement the standard (``__array_namespace__``) are named by their
+    top-level module, so third-party backends work too.
     """
     module = type(array).__module__.split(".", 1)[0]
-    return _FRAMEWORK_BY_MODULE.get(module)
+    known = _FRAMEWORK_BY_MODULE.get(module)
+    if known is None and hasattr(type(array), "__array_namespace__"):
+        return module
+    return known
 
 
 def namespace(*arrays: Any):
@@ -57,7 +62,8 @@ def namespace(*arrays: Any):
     if None in frameworks:
         bad = next(a for a in present if framework_of(a) is None)
         raise TypeError(
-            f"expected arrays of a supported framework (numpy, torch, jax, cupy, array_api_strict), "
+            f"expected arrays of a supported framework (numpy, torch, jax, cupy, array_api_strict, or any "
+            f"library implementing __array_namespace__), "
             f"got {type(bad).__module__}.{type(bad).__qualname__}; convert it with the backend's "
             f"from_numpy() or the framework's asarray()"
         )

@@ -19,7 +19,6 @@ from ._arrays import (
     check_same_float_dtype,
     device_of,
     keep_mask,
-    logsumexp,
     rsqrt_mean_square,
 )
 from .layers import dropout
@@ -101,8 +100,13 @@ def attend(
         is_self = key_positions[..., None, :] == query_positions[..., :, None]
         logits = xp.where(is_self, xp.asarray(self_value, dtype=logits.dtype, device=device), logits)
         replaced = is_self if replaced is None else xp.logical_or(replaced, is_self)
-    lse = logsumexp(xp, logits, axis=-1)
-    probs = xp.exp(logits - lse[..., None])
+    # Normalise explicitly: exp(logits - logsumexp) loses up to ulp(1e5) ~ 0.4% of the mass in
+    # float32 when the -1e5 self logit is the largest (a token that can only see itself).
+    top = xp.max(logits, axis=-1, keepdims=True)
+    weights = xp.exp(logits - top)
+    total = xp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / total
+    lse = xp.squeeze(top + xp.log(total), axis=-1)
     out = xp.matmul(dropout(xp, probs, dropout_keep, dropout_rate), value)
     if return_residuals:
         return out, lse, (probs, replaced)

@@ -66,9 +66,15 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
     return name.strip().lower(), (device.strip() or None) if sep else None
 
 
-def _make(name: str, device: Any = None):
+def _make(name: Any, device: Any = None):
+    if hasattr(name, "from_numpy") and hasattr(name, "xp"):  # a backend object (e.g. a third-party adapter)
+        if device is not None:
+            raise ValueError("give the device to the adapter's constructor, not alongside a backend object")
+        return name
     if not isinstance(name, str):
         raise TypeError(f"backend name must be a string such as 'numpy', got {name!r}")
+    if "." in name.partition(":")[0]:
+        return _import_adapter(name, device)
     base, spec_device = _split_spec(name)
     if spec_device is not None and device is not None:
         raise ValueError(f"backend {name!r} already names a device; do not also pass device={device!r}")
@@ -89,8 +95,24 @@ def _make(name: str, device: Any = None):
     return cached
 
 
+def _import_adapter(spec: str, device: Any):
+    """A third-party adapter named ``"package.module:ClassName"`` (optionally ``"...:ClassName:device"``)."""
+    module_name, _, rest = spec.partition(":")
+    class_name, _, spec_device = rest.partition(":")
+    if not class_name:
+        raise ValueError(f"adapter {spec!r} must be given as 'package.module:ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot load adapter {spec!r}: {error}") from None
+    return cls(device if device is not None else (spec_device or None))
+
+
 def set_backend(name: str, device: Any = None):
-    """Make ``name`` (optionally ``"name:device"``) the process-wide default backend.
+    """Make ``name`` the process-wide default backend.
+
+    ``name`` is a registered name (``"numpy"``), optionally with a device (``"torch:cuda"``),
+    a third-party adapter's import path (``"package.module:ClassName"``), or a backend object.
 
     Returns the backend object. ``use_backend`` blocks still take precedence inside them.
     """
@@ -131,12 +153,16 @@ def backend_for(*arrays: Any):
     namespace(*present)  # raises on mixing and on non-arrays
     check_same_device({f"arrays[{i}]": a for i, a in enumerate(present)})  # no silent pick of one device
     framework = framework_of(present[0])
-    name = _BY_FRAMEWORK[framework]
     current = get_backend()
     device = device_of(present[0])
-    if current.name == name and str(current.device) == str(device):
+    if current.owns(present[0]) and str(current.device) == str(device):
         return current
-    return _make(name, device)
+    if framework not in _BY_FRAMEWORK:
+        raise TypeError(
+            f"no registered backend owns arrays of {framework!r}; select its adapter with "
+            f"reformer_core.use_backend(adapter) or set_backend('package.module:AdapterClass')"
+        )
+    return _make(_BY_FRAMEWORK[framework], device)
 
 
 def resolve_backend(backend: Any = None):

@@ -179,6 +179,27 @@ def _cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .conformance.check import format_table, run_suite, summarise
+
+    completed, rows = run_suite(args.backends, args.max_examples)
+    summary = summarise(rows)
+    print(format_table(summary) if summary else "no comparisons ran (are the selected backends installed?)")
+    skipped = [line for line in completed.stdout.splitlines() if "SKIPPED" in line or "skipped" in line]
+    tail = completed.stdout.strip().splitlines()[-1:] if completed.stdout.strip() else []
+    for line in tail:
+        print(f"pytest: {line}")
+    if completed.returncode not in (0, 5):
+        print(completed.stdout[-4000:], file=sys.stderr)
+        print(completed.stderr[-2000:], file=sys.stderr)
+    if args.json:
+        _write_json(args.json, {"schema": "reformer-core-check/1", "backends": args.backends,
+                                "max_examples": args.max_examples, "exit_code": completed.returncode,
+                                "summary": summary, "skipped": skipped})
+    failed = completed.returncode != 0 or any(e["failed"] for e in summary)
+    return 1 if failed else 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import run_train_command
 
@@ -276,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: training-step memory against depth (reversible vs storing activations) and "
                             "feed-forward backward memory against length, on NumPy")
 
+    check = commands.add_parser(
+        "check",
+        help="run the conformance suite: every installed backend against the float64 NumPy oracle",
+        description="Runs `pytest --pyargs reformer_core.conformance` and prints, per backend, dtype and component, "
+                    "the largest forward and gradient errors against the oracle, and pass/fail.",
+    )
+    check.add_argument("--backends", metavar="LIST",
+                       help="comma-separated backend specs (default: every installed CPU backend), "
+                            "e.g. numpy,strict,torch,torch:cuda,jax,jax:gpu,cupy,package.module:Adapter")
+    check.add_argument("--max-examples", type=int, metavar="N", help="hypothesis examples per test (default 10)")
+    check.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+
     train = commands.add_parser(
         "train",
         help="train a small Reformer on the paper's duplication task (0 w 0 w) and evaluate with 1-8 hashes",
@@ -309,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_info(args)
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "check":
+            return _cmd_check(args)
         return _cmd_bench(args, argv)
     except BrokenPipeError:  # `reformer-core bench | head`: stop quietly, as other shell tools do
         devnull = os.open(os.devnull, os.O_WRONLY)

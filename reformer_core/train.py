@@ -49,10 +49,14 @@ class CopyTaskSettings:
 
 
 def copy_task_config(settings: CopyTaskSettings) -> ReformerConfig:
-    """The model: one reversible layer, shared-QK attention, axial positions covering L."""
+    """The model: one reversible layer, shared-QK attention, a plain learned position embedding.
+
+    A single axial axis is an ordinary learned embedding. Factorised axes would tie the
+    embedding of position p to its axial coordinates, and the task needs position p to
+    match position ``p - (L/2 - 1)`` exactly, which a shared-QK (symmetric) score can only
+    express by making those two embeddings alike.
+    """
     length = settings.length
-    first = 2 ** (int(math.log2(length)) // 2)
-    axial = (first, -(-length // first))
     return ReformerConfig(
         vocab_size=settings.vocab_size,
         d_model=settings.d_model,
@@ -64,7 +68,7 @@ def copy_task_config(settings: CopyTaskSettings) -> ReformerConfig:
         lsh_chunk_length=settings.chunk_length,
         local_chunk_length=settings.chunk_length,
         causal=True,
-        axial_pos_shape=axial,
+        axial_pos_shape=(length,),
     )
 
 

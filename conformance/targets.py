@@ -1,0 +1,72 @@
+"""Which backends the suite tests: one switch, ``--backends`` or ``$REFORMER_CONFORMANCE_BACKENDS``.
+
+A target is a backend spec as ``reformer_core.set_backend`` takes it: ``numpy``, ``strict``,
+``strict:device1``, ``torch``, ``torch:cuda``, ``jax``, ``jax:gpu``, ``cupy``, or a
+third-party adapter's import path ``package.module:ClassName``. A target that cannot be
+made here (framework not installed, no GPU) is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["ENV_VAR", "Target", "default_specs", "parse_specs", "dtypes_for", "make_target"]
+
+ENV_VAR = "REFORMER_CONFORMANCE_BACKENDS"
+_DEFAULT_ORDER = ("numpy", "strict", "torch", "jax")
+
+
+@dataclass(frozen=True)
+class Target:
+    spec: str
+    backend: object  # a reformer_core backend object
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def device(self):
+        return self.backend.device
+
+
+def default_specs() -> list[str]:
+    """The installed CPU backends among numpy, strict, torch, jax (GPU variants only when named)."""
+    from reformer_core import available_backends
+
+    installed = available_backends()
+    return [name for name in _DEFAULT_ORDER if name in installed]
+
+
+def parse_specs(text: str | None) -> list[str]:
+    """``"numpy, torch:cuda"`` -> ``["numpy", "torch:cuda"]``; None/empty/'all' -> the defaults."""
+    text = text if text is not None else os.environ.get(ENV_VAR)
+    if not text or text.strip() == "all":
+        return default_specs()
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def make_target(spec: str) -> tuple[Target | None, str | None]:
+    """``(target, None)``, or ``(None, why it cannot run here)``."""
+    from reformer_core.backend import resolve_backend
+
+    try:
+        backend = resolve_backend(spec)
+    except (ValueError, ImportError, RuntimeError) as error:  # not installed, no such device, no GPU
+        return None, f"{spec}: {error}"
+    return Target(spec, backend), None
+
+
+def dtypes_for(spec: str) -> list[str]:
+    """Dtypes a target is tested in: float64 where the backend supports it, float32, and
+    bfloat16 on frameworks that have it (torch, jax)."""
+    target, _ = make_target(spec)
+    if target is None:
+        return ["float32"]
+    dtypes = ["float32"]
+    if "float64" in target.backend.capabilities:
+        dtypes.insert(0, "float64")
+    if "bfloat16" in target.backend.capabilities:
+        dtypes.append("bfloat16")
+    return dtypes
