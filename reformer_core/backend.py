@@ -73,8 +73,8 @@ def _make(name: Any, device: Any = None):
         return name
     if not isinstance(name, str):
         raise TypeError(f"backend name must be a string such as 'numpy', got {name!r}")
-    if "." in name.partition(":")[0]:
-        return _import_adapter(name, device)
+    if ":" in name and name.partition(":")[0].strip().lower() not in _REGISTRY:
+        return _import_adapter(name, device)  # "package.module:ClassName"
     base, spec_device = _split_spec(name)
     if spec_device is not None and device is not None:
         raise ValueError(f"backend {name!r} already names a device; do not also pass device={device!r}")

@@ -1,0 +1,167 @@
+"""PyTorch: any device torch has (cpu, cuda:N, mps), gradients from torch.autograd.
+
+The namespace is array-api-compat's torch wrapper; the arrays are plain ``torch.Tensor``.
+The native ``nn.Module`` and the reversible ``torch.autograd.Function`` live in
+``torch_nn.py``; this file is only the adapter, shaped like ``numpy.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from array_api_compat import torch as compat_torch
+
+from ._base import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    framework = "torch"
+    extra = "torch"
+    autodiff = True
+
+    def __init__(self, device=None) -> None:
+        super().__init__(device)
+        # float64 everywhere except Apple's mps, which has no double precision.
+        caps = {"bfloat16", "autodiff"}
+        if self.device.type != "mps":
+            caps.add("float64")
+        if self.device.type in ("cuda", "mps"):
+            caps.add("gpu")
+        self.capabilities = frozenset(caps)
+
+    @property
+    def xp(self):
+        return compat_torch
+
+    def devices(self) -> list:
+        import torch
+
+        found = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            found += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            found.append(torch.device("mps", 0))
+        return found
+
+    def parse_device(self, device):
+        # Accept "cuda" (the current cuda device, as torch does), "cuda:1", torch.device objects.
+        import torch
+
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"backend 'torch' cannot parse device {device!r}; use e.g. 'cpu', 'cuda:0' or 'mps'") \
+                from None
+        if parsed.type == "cuda" and parsed.index is None and torch.cuda.is_available():
+            parsed = torch.device("cuda", torch.cuda.current_device())
+        if parsed.type == "mps" and parsed.index is None:
+            parsed = torch.device("mps", 0)
+        return super().parse_device(parsed)
+
+    def from_numpy(self, array, *, dtype=None):
+        import torch
+
+        host = np.asarray(array)
+        # torch.from_numpy shares memory and refuses negative strides; copy so the result owns its data.
+        out = torch.from_numpy(np.array(host, copy=True)).to(self.device)
+        if dtype is not None:
+            out = out.to(self.dtype(dtype))
+        return out
+
+    def to_numpy(self, array):
+        import torch
+
+        if not isinstance(array, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(array).__module__}.{type(array).__qualname__}")
+        array = array.detach()
+        # NumPy has no bfloat16: widen to float32 (exact: every bfloat16 is a float32).
+        if array.dtype == torch.bfloat16:
+            array = array.to(torch.float32)
+        return array.cpu().numpy()
+
+    def synchronize(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    def vjp(self, fn, *primals):
+        """``(fn(*primals), pullback)`` by torch.autograd.
+
+        ``primals`` may be pytrees (dicts, lists, tuples) of tensors; floating leaves are
+        differentiated, other leaves (ints, None) get None. ``pullback(cotangent)`` returns a
+        tuple shaped like ``primals`` with zeros for leaves ``fn`` does not use. Runs under
+        ``torch.enable_grad()``, so it works inside ``torch.no_grad()`` too. The pullback may be
+        called once (the graph is freed afterwards, like the hand-written rules' closures).
+        """
+        import torch
+
+        leaves: list = []
+
+        def detach(tree):
+            if isinstance(tree, dict):
+                return {k: detach(v) for k, v in tree.items()}
+            if isinstance(tree, (list, tuple)):
+                return type(tree)(detach(v) for v in tree)
+            if isinstance(tree, torch.Tensor) and tree.is_floating_point():
+                leaf = tree.detach().requires_grad_(True)
+                leaves.append(leaf)
+                return leaf
+            return tree
+
+        with torch.enable_grad():
+            inputs = detach(primals)
+            out = fn(*inputs)
+        out_leaves = _tensor_leaves(out)
+
+        def pullback(cotangent):
+            cot_leaves = _tensor_leaves(cotangent)
+            if len(cot_leaves) != len(out_leaves):
+                raise ValueError(f"cotangent has {len(cot_leaves)} arrays, the output has {len(out_leaves)}")
+            pairs = [(o, c) for o, c in zip(out_leaves, cot_leaves) if o.requires_grad]
+            grads = [None] * len(leaves)
+            if pairs and leaves:
+                with torch.enable_grad():
+                    grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs],
+                                                allow_unused=True)
+            filled = iter([torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)])
+
+            def rebuild(tree):
+                if isinstance(tree, dict):
+                    return {k: rebuild(v) for k, v in tree.items()}
+                if isinstance(tree, (list, tuple)):
+                    return type(tree)(rebuild(v) for v in tree)
+                if isinstance(tree, torch.Tensor) and tree.requires_grad:
+                    return next(filled)
+                return None
+
+            return tuple(rebuild(p) for p in inputs)
+
+        return _detach_tree(out), pullback
+
+    def version(self) -> str:
+        import torch
+
+        return torch.__version__
+
+
+def _tensor_leaves(tree) -> list:
+    if isinstance(tree, dict):
+        return [leaf for k in tree for leaf in _tensor_leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in _tensor_leaves(v)]
+    return [] if tree is None else [tree]
+
+
+def _detach_tree(tree):
+    if isinstance(tree, dict):
+        return {k: _detach_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_detach_tree(v) for v in tree)
+    return tree.detach() if hasattr(tree, "detach") else tree
+
+
+BACKEND = TorchBackend
