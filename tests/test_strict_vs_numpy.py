@@ -130,3 +130,27 @@ def test_reversible_inverse(strict):
     assert_on(strict, x1)
     np.testing.assert_allclose(strict.to_numpy(x1), strict.to_numpy(x), rtol=0, atol=1e-10)
     np.testing.assert_allclose(strict.to_numpy(x2), strict.to_numpy(x), rtol=0, atol=1e-10)
+
+
+def test_training_step_keeps_every_array_on_the_device(strict):
+    """A value_and_grad + Adam step on strict's device: gradients, moments and new parameters all
+    stay there (a silent move to NumPy or to another device fails here, without a GPU)."""
+    from reformer_core.optim import Adam
+    from reformer_core.training import value_and_grad
+    from reformer_core.tree import tree_leaves
+
+    config = small_config(hidden_dropout=0.1, attention_dropout=0.1)
+    params = rc.init_params(config, 0)
+    tokens = strict.from_numpy(np.random.default_rng(0).integers(0, 40, (2, 32)))
+    mask = strict.from_numpy(np.arange(32)[None].repeat(2, 0) < 30)
+    loss, grads = value_and_grad(params, tokens, tokens, config, attention_mask=mask, dropout_seed=1)
+    assert_on(strict, loss)
+    optimizer = Adam(1e-3)
+    new_params, state = optimizer.update(params, grads, optimizer.init(params))
+    for leaf in tree_leaves(grads) + tree_leaves(new_params) + tree_leaves(state["m"]):
+        assert_on(strict, leaf)
+    with use_backend("numpy"):
+        loss64, grads64 = value_and_grad(rc.init_params(config, 0), strict.to_numpy(tokens),
+                                         strict.to_numpy(tokens), config, attention_mask=strict.to_numpy(mask),
+                                         dropout_seed=1)
+    np.testing.assert_allclose(float(strict.to_numpy(loss)), float(loss64), rtol=1e-5)
