@@ -88,7 +88,9 @@ def layer_norm_vjp(xp, x: Any, params: dict, eps: float):
 def activation(xp, name: str, x: Any):
     """``relu``, ``gelu_tanh`` (the tanh approximation; erf is not in the Array API) or ``silu``."""
     if name == "relu":
-        return xp.maximum(x, xp.zeros_like(x))
+        # Not maximum(x, 0): autodiff frameworks split maximum's gradient 0.5/0.5 at x == 0
+        # (which low precision hits), while the rule below passes none there. NaN still propagates.
+        return xp.where(x <= 0, xp.zeros_like(x), x)
     if name == "gelu_tanh":
         return 0.5 * x * (1.0 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
     if name == "silu":
