@@ -61,6 +61,18 @@ class CupyBackend(Backend):
     def synchronize(self) -> None:
         self.device.synchronize()
 
+    def peak_device_memory(self, fn) -> int:
+        """Bytes the memory pool grew to during ``fn()`` (the pool keeps freed blocks, so its
+        total after the call is the peak of the call when it starts empty)."""
+        pool = self._cupy.get_default_memory_pool()
+        self.synchronize()
+        pool.free_all_blocks()
+        before = pool.total_bytes()
+        out = fn()
+        self.synchronize()
+        del out
+        return int(pool.total_bytes() - before)
+
     def memory_in_use(self) -> int:
         """Bytes held by CuPy's default memory pool (what the benchmark reports as device memory)."""
         return int(self._cupy.get_default_memory_pool().used_bytes())

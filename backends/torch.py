@@ -88,6 +88,20 @@ class TorchBackend(Backend):
         elif self.device.type == "mps":
             torch.mps.synchronize()
 
+    def peak_device_memory(self, fn):
+        """Peak bytes the CUDA caching allocator held during ``fn()`` (None off CUDA)."""
+        import torch
+
+        if self.device.type != "cuda":
+            return None
+        self.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        out = fn()
+        self.synchronize()
+        del out
+        return int(torch.cuda.max_memory_allocated(self.device) - before)
+
     def vjp(self, fn, *primals):
         """``(fn(*primals), pullback)`` by torch.autograd.
 

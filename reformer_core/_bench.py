@@ -1,14 +1,18 @@
-"""Side-by-side benchmark of LSH attention (1, 2, 4, 8 hashes) against full attention.
+"""Side-by-side benchmark of the attention kinds and a training step, on every selected backend.
 
-``run_benchmark`` measures, per backend and sequence length, the forward time (median of
-``repeats`` calls after ``warmup`` calls) and, in a separate call, the peak memory of each
-method; ``format_report`` renders the result as terminal tables. ``reformer-core bench``
-(``reformer_core.cli``) is a thin wrapper around the two. The report is a plain dict ready
-for ``json.dump``.
+``run_benchmark`` measures, per backend, sequence length, method (LSH with 1/2/4/8 hashes,
+local, full, a whole training step) and pass (forward; forward+backward), the first call's
+time (warm-up, compilation included) apart from the median of ``repeats`` later calls, and,
+in a separate call, the peak memory. ``reformer_core._bench_report`` renders the tables and
+plots; ``reformer-core bench`` is a thin wrapper. The report is a plain dict for ``json.dump``.
 
-Peak memory is measured where the backend can report it: NumPy (and array_api_strict, which
-wraps NumPy) report every buffer to :mod:`tracemalloc`, so the peak is the extra host memory
-one call allocates, its output included. Other backends report ``None`` for now.
+Peak memory is what the backend can report: NumPy (and array_api_strict) buffers through
+:mod:`tracemalloc`; a GPU backend's device allocator (``Backend.peak_device_memory``); on
+other CPU backends the process's resident memory, sampled during the call. Each row says
+which (``memory_kind``).
+
+The paper's speed figure (Figure 5, right) is ``fixed_tokens=32768``: the batch is
+``32768 // length`` so every length processes the same number of tokens.
 
 A configuration is skipped, not run, when its estimated peak memory exceeds the budget or
 when the time budget has run out (or would, judging by the same method at a shorter length).
@@ -21,55 +25,64 @@ import gc
 import math
 import os
 import platform
-import re
 import statistics
+import threading
 import time
-import tracemalloc
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any, Callable
 
 import numpy as np
 
+from ._memory import traced_peak
+from ._bench_report import format_report, short_device  # noqa: F401  (re-exported)
+from .autodiff import Differentiable
 from .backend import available_backends, known_backends, use_backend
-from .config import default_num_buckets
-from .full import full_attention
+from .config import ReformerConfig, default_num_buckets
+from .full import full_attention, full_attention_vjp
 from .hashing import random_rotations
-from .lsh import lsh_attention
+from .local import local_attention, local_attention_vjp
+from .lsh import lsh_attention, lsh_attention_vjp
 
 __all__ = [
     "BenchSettings",
     "DEFAULT_LENGTHS",
     "QUICK_LENGTHS",
+    "SPEED_FIGURE_LENGTHS",
     "estimate_peak_bytes",
     "format_report",
     "resolve_backends",
     "run_benchmark",
 ]
 
-SCHEMA = "reformer-core.bench/1"
+SCHEMA = "reformer-core.bench/2"
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
-QUICK_LENGTHS = (1024, 2048, 4096)
+QUICK_LENGTHS = (1024, 2048)
+SPEED_FIGURE_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_HASHES = (1, 2, 4, 8)
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-# Backends whose arrays live in NumPy buffers, which NumPy reports to tracemalloc.
-_TRACEMALLOC_BACKENDS = frozenset({"numpy", "strict"})
+_TRACEMALLOC_BACKENDS = frozenset({"numpy", "strict"})  # arrays in NumPy buffers
+_DEFAULT_BACKENDS = ("numpy", "torch", "jax")
 SKIPPED_MEMORY = "skipped: memory"
 SKIPPED_TIME = "skipped: time"
+PASSES = ("forward", "backward")
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What to measure. Inputs are ``(batch, heads, length, head_dim)`` Gaussian arrays.
-
-    ``num_buckets`` is ``default_num_buckets(length, chunk_length)`` at every length.
-    """
+    """What to measure. Attention inputs are ``(batch, heads, length, head_dim)`` Gaussians;
+    ``num_buckets`` is ``default_num_buckets(length, chunk_length)``. ``fixed_tokens`` (the
+    paper's speed figure) sets the batch to ``fixed_tokens // length`` at each length."""
 
     backends: tuple[str, ...] = ("numpy",)
     lengths: tuple[int, ...] = DEFAULT_LENGTHS
     num_hashes: tuple[int, ...] = DEFAULT_HASHES
     include_full: bool = True
+    include_local: bool = True
+    include_train: bool = True
+    passes: tuple[str, ...] = PASSES
     batch: int = 1
+    fixed_tokens: int | None = None
     heads: int = 2
     head_dim: int = 64
     chunk_length: int = 64
@@ -79,6 +92,7 @@ class BenchSettings:
     dtype: str = "float32"
     repeats: int = 3
     warmup: int = 1
+    compile: bool = True
     measure_memory: bool = True
     memory_budget_gb: float = 8.0
     time_budget_s: float | None = None
@@ -100,14 +114,20 @@ class BenchSettings:
         lengths = tuple(sorted(set(positive_ints("lengths", self.lengths))))
         bad = [length for length in lengths if length % self.chunk_length]
         if bad:
-            raise ValueError(
-                f"every length must be a multiple of chunk_length={self.chunk_length}; got {bad}"
-            )
+            raise ValueError(f"every length must be a multiple of chunk_length={self.chunk_length}; got {bad}")
+        if self.fixed_tokens is not None:
+            too_long = [length for length in lengths if length > self.fixed_tokens]
+            if too_long:
+                raise ValueError(f"lengths {too_long} exceed fixed_tokens={self.fixed_tokens}")
         object.__setattr__(self, "lengths", lengths)
         hashes = tuple(sorted(set(positive_ints("num_hashes", self.num_hashes)))) if self.num_hashes else ()
         object.__setattr__(self, "num_hashes", hashes)
-        if not hashes and not self.include_full:
-            raise ValueError("nothing to measure: give at least one hash count or include full attention")
+        if not (hashes or self.include_full or self.include_local or self.include_train):
+            raise ValueError("nothing to measure: give a hash count or include full, local or train")
+        unknown = set(self.passes) - set(PASSES)
+        if unknown or not self.passes:
+            raise ValueError(f"passes must be among {PASSES}, got {self.passes!r}")
+        object.__setattr__(self, "passes", tuple(p for p in PASSES if p in self.passes))
         if not self.backends:
             raise ValueError("give at least one backend")
         object.__setattr__(self, "backends", tuple(self.backends))
@@ -118,43 +138,46 @@ class BenchSettings:
         if self.time_budget_s is not None and not (self.time_budget_s > 0):
             raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s!r}")
 
+    def batch_at(self, length: int) -> int:
+        return self.fixed_tokens // length if self.fixed_tokens else self.batch
+
     @property
     def methods(self) -> list["Method"]:
         methods = [Method(f"lsh-{n}", "lsh", n) for n in self.num_hashes]
-        return methods + ([Method("full", "full", None)] if self.include_full else [])
+        if self.include_local:
+            methods.append(Method("local", "local"))
+        if self.include_full:
+            methods.append(Method("full", "full"))
+        if self.include_train:
+            methods.append(Method("train", "train"))
+        return methods
 
 
 @dataclass(frozen=True)
 class Method:
-    name: str  # "lsh-4", "full"
-    kind: str  # "lsh" or "full"
+    name: str  # "lsh-4", "local", "full", "train"
+    kind: str  # "lsh", "local", "full" or "train"
     num_hashes: int | None = None
 
     @property
     def title(self) -> str:
-        return f"lsh x{self.num_hashes}" if self.kind == "lsh" else "full"
+        return {"lsh": f"lsh x{self.num_hashes}", "train": "train step"}.get(self.kind, self.kind)
+
+    def passes(self, settings: BenchSettings) -> tuple[str, ...]:
+        return ("step",) if self.kind == "train" else settings.passes
 
 
 def resolve_backends(spec: str | None) -> tuple[str, ...]:
-    """Backend names from a comma-separated ``spec`` ("numpy,strict", "all"; None: numpy).
-
-    Raises ``ValueError`` naming the known and installed backends for an unknown name, and
-    the ``pip install`` extra for a known one that is not installed.
-    """
-    if spec is None or not spec.strip():
-        return ("numpy",)
-    names = [part.strip().lower() for part in spec.split(",") if part.strip()]
-    if names == ["all"]:
-        return available_backends()
+    """Backend specs from ``"numpy,torch:cuda"``; ``"all"`` or None: the installed CPU backends
+    among numpy, torch and jax. Unknown or missing ones raise ``ValueError`` naming the fix."""
     installed = available_backends()
+    if spec is None or not spec.strip() or spec.strip() == "all":
+        return tuple(name for name in _DEFAULT_BACKENDS if name in installed) or ("numpy",)
     resolved = []
-    for name in names:
-        base = name.partition(":")[0]
-        if base not in known_backends():
-            raise ValueError(
-                f"unknown backend {name!r}; known backends: {', '.join(known_backends())} "
-                f"(installed here: {', '.join(installed) or 'none'})"
-            )
+    for name in (part.strip().lower() for part in spec.split(",") if part.strip()):
+        if name.partition(":")[0] not in known_backends():
+            raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())} "
+                             f"(installed here: {', '.join(installed) or 'none'})")
         with use_backend(name):  # raises ValueError with the pip extra when not installed
             pass
         if name not in resolved:
@@ -162,28 +185,38 @@ def resolve_backends(spec: str | None) -> tuple[str, ...]:
     return tuple(resolved)
 
 
-def estimate_peak_bytes(method: Method, length: int, settings: BenchSettings) -> int:
-    """Conservative peak memory of one forward call, for deciding what to skip.
+def estimate_peak_bytes(method: Method, length: int, settings: BenchSettings, pass_name: str = "forward") -> int:
+    """Conservative peak memory of one call, for deciding what to skip.
 
     Full attention holds a few ``(batch, heads, L, L)`` arrays: ``4 * L^2 * heads * batch``
-    elements. LSH attention holds a few ``(batch, heads, n * L, window * chunk_length)``
-    arrays (NumPy measures about 6 of them; 8 are budgeted).
+    elements (twice that with the backward). LSH holds a few ``(batch, heads, n * L, window)``
+    arrays (about 6 measured on NumPy, 8 budgeted; 16 with the backward).
     """
     itemsize = _ITEMSIZE[settings.dtype]
-    rows = settings.batch * settings.heads
+    rows = settings.batch_at(length) * settings.heads
     inputs = 3 * rows * length * settings.head_dim * itemsize
+    factor = 2 if pass_name != "forward" else 1
     if method.kind == "full":
-        return 4 * length * length * rows * itemsize + inputs
+        return factor * 4 * length * length * rows * itemsize + inputs
     window = (1 + settings.num_chunks_before + settings.num_chunks_after) * settings.chunk_length
-    if length <= settings.chunk_length:  # plain attention over one chunk
+    if length <= settings.chunk_length:
         window = length
-    return 8 * rows * method.num_hashes * length * window * itemsize + inputs
+    rounds = method.num_hashes or (2 if method.kind == "train" else 1)
+    layers = 2 if method.kind == "train" else 1
+    return factor * 8 * rows * rounds * length * window * itemsize * layers + inputs
 
 
-def _time_calls(fn: Callable[[], Any], synchronize: Callable[[], None], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
+# ---------------------------------------------------------------- measuring
+
+
+def _time_calls(fn: Callable[[], Any], synchronize: Callable[[], None], warmup: int, repeats: int):
+    """``(first call seconds, [later call seconds])``: the first includes warm-up and compilation."""
+    first = None
+    for _ in range(max(warmup, 1)):
+        start = time.perf_counter()
         fn()
         synchronize()
+        first = time.perf_counter() - start if first is None else first
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -191,31 +224,134 @@ def _time_calls(fn: Callable[[], Any], synchronize: Callable[[], None], warmup: 
         synchronize()
         times.append(time.perf_counter() - start)
         del out
-    return times
+    return first, times
 
 
-def _tracemalloc_peak(fn: Callable[[], Any]) -> int:
-    """Extra bytes allocated at the peak of one call (NumPy reports its buffers to tracemalloc)."""
-    gc.collect()
-    was_tracing = tracemalloc.is_tracing()
-    if not was_tracing:
-        tracemalloc.start()
+def _resident_bytes() -> int | None:
     try:
-        tracemalloc.reset_peak()
-        baseline, _ = tracemalloc.get_traced_memory()
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _rss_peak(fn: Callable[[], Any], synchronize: Callable[[], None]) -> int | None:
+    """Resident memory growth during one call, sampled every 0.2 ms (Linux ``/proc``)."""
+    gc.collect()
+    base = _resident_bytes()
+    if base is None:
+        return None
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            value = _resident_bytes()
+            if value is not None and value > peak[0]:
+                peak[0] = value
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
         out = fn()
-        _, peak = tracemalloc.get_traced_memory()
+        synchronize()
         del out
     finally:
-        if not was_tracing:
-            tracemalloc.stop()
-    return max(0, peak - baseline)
+        done.set()
+        sampler.join()
+    return max(0, peak[0] - base)
 
 
-def _peak_memory(backend: Any, fn: Callable[[], Any]) -> int | None:
+def _peak_memory(backend: Any, fn: Callable[[], Any]) -> tuple[int | None, str]:
     if backend.name in _TRACEMALLOC_BACKENDS:
-        return _tracemalloc_peak(fn)
-    return None  # no portable way yet for device memory of other frameworks
+        return traced_peak(fn)[1], "host (tracemalloc)"
+    device_peak = getattr(backend, "peak_device_memory", None)
+    if device_peak is not None and "gpu" in backend.capabilities:
+        return device_peak(fn), "device"
+    return _rss_peak(fn, backend.synchronize), "host (RSS)"
+
+
+def _attention_functions(method: Method, length: int, settings: BenchSettings, backend: Any):
+    """``(forward(qk, v), rule(qk, v))`` with rotations drawn outside, and the bucket count."""
+    common = {"causal": settings.causal}
+    if method.kind == "full":
+        return (lambda qk, v: full_attention(qk, v, **common),
+                lambda qk, v: full_attention_vjp(qk, v, **common)), None
+    chunks = {"chunk_length": settings.chunk_length, "num_chunks_before": settings.num_chunks_before,
+              "num_chunks_after": settings.num_chunks_after, **common}
+    if method.kind == "local":
+        return (lambda qk, v: local_attention(qk, qk, v, **chunks),
+                lambda qk, v: _local_rule(qk, v, chunks)), None
+    num_buckets = default_num_buckets(length, settings.chunk_length)
+    rotations = random_rotations((settings.seed, method.num_hashes), settings.heads, settings.head_dim,
+                                 method.num_hashes, num_buckets, backend=backend, dtype=settings.dtype)
+    kwargs = {**chunks, "num_buckets": num_buckets}
+    return (lambda qk, v: lsh_attention(qk, v, rotations, **kwargs),
+            lambda qk, v: lsh_attention_vjp(qk, v, rotations, **kwargs)), num_buckets
+
+
+def _local_rule(qk, v, chunks):
+    out, pullback = local_attention_vjp(qk, qk, v, **chunks)
+
+    def pull(d_out):
+        d_q, d_k, d_v = pullback(d_out)
+        return d_q + d_k, d_v
+
+    return out, pull
+
+
+def _train_config(settings: BenchSettings, length: int) -> ReformerConfig:
+    side = 2 ** math.ceil(math.log2(length) / 2)
+    return ReformerConfig(vocab_size=256, d_model=128, num_heads=settings.heads, head_dim=settings.head_dim,
+                          d_ff=256, attention_layers=("lsh", "local"), num_hashes=2,
+                          lsh_chunk_length=settings.chunk_length, local_chunk_length=settings.chunk_length,
+                          ff_chunk_length=1024, causal=settings.causal, axial_pos_shape=(side, side))
+
+
+def _call_for(method: Method, pass_name: str, length: int, settings: BenchSettings, backend: Any):
+    """``(zero-argument call, num_buckets)`` for one configuration; inputs are made here."""
+    from .training import value_and_grad
+
+    rng = np.random.default_rng((settings.seed, length))
+    batch = settings.batch_at(length)
+    if method.kind == "train":
+        config = _train_config(settings, length)
+        from .model import init_params
+
+        params = init_params(config, settings.seed, backend=backend, dtype=settings.dtype)
+        tokens = backend.from_numpy(rng.integers(0, config.vocab_size, (batch, length)))
+        return (lambda: value_and_grad(params, tokens, tokens, config, rotations_seed=1, check_values=False)), None
+    shape = (batch, settings.heads, length, settings.head_dim)
+    qk, v, d_out = (backend.from_numpy(rng.standard_normal(shape), dtype=settings.dtype) for _ in range(3))
+    (forward, rule), num_buckets = _attention_functions(method, length, settings, backend)
+    if pass_name == "forward":
+        fn = forward
+        args = (qk, v)
+    else:
+        differentiable = Differentiable(forward, rule, method.name)
+
+        def fn(qk, v, d_out):
+            _, pullback = backend.vjp(differentiable, qk, v)
+            return pullback(d_out)
+
+        args = (qk, v, d_out)
+    if settings.compile and "jit" in backend.capabilities:
+        fn = backend.jit(fn)
+    return (lambda: fn(*args)), num_buckets
+
+
+def _time_skip(method: Method, key: tuple, done: dict, length: int, settings: BenchSettings, remaining: float) -> bool:
+    """Whether the time budget has run out, or would run out, judging by a shorter length."""
+    if remaining <= 0:
+        return True
+    previous = done.get(key)
+    if previous is None:
+        return False
+    prev_length, prev_time = previous
+    exponent = 2 if method.kind == "full" else 1
+    calls = settings.warmup + settings.repeats + (1 if settings.measure_memory else 0)
+    return prev_time * (length / prev_length) ** exponent * calls > remaining
 
 
 def _distribution_version(name: str) -> str | None:
@@ -238,75 +374,22 @@ def environment() -> dict:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):
         pass
+    versions = {"reformer_core": __version__, "python": platform.python_version(),
+                "python_implementation": platform.python_implementation(), "numpy": np.__version__}
+    for name in ("array-api-compat", "torch", "jax", "jaxlib", "cupy-cuda12x", "matplotlib"):
+        versions[name.replace("-", "_")] = _distribution_version(name)
     return {
-        "versions": {
-            "reformer_core": __version__,
-            "python": platform.python_version(),
-            "python_implementation": platform.python_implementation(),
-            "numpy": np.__version__,
-            "array_api_compat": _distribution_version("array-api-compat"),
-        },
-        "hardware": {
-            "platform": platform.platform(),
-            "system": platform.system(),
-            "machine": platform.machine(),
-            "processor": platform.processor() or None,
-            "cpu_count": os.cpu_count(),
-            "usable_cpus": usable_cpus,
-            "memory_bytes": memory_bytes,
-        },
+        "versions": versions,
+        "hardware": {"platform": platform.platform(), "system": platform.system(), "machine": platform.machine(),
+                     "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
+                     "usable_cpus": usable_cpus, "memory_bytes": memory_bytes},
     }
 
 
-def _inputs(backend: Any, length: int, settings: BenchSettings):
-    rng = np.random.default_rng((settings.seed, length))
-    shape = (settings.batch, settings.heads, length, settings.head_dim)
-    qk = backend.from_numpy(rng.standard_normal(shape), dtype=settings.dtype)
-    v = backend.from_numpy(rng.standard_normal(shape), dtype=settings.dtype)
-    return qk, v
-
-
-def _call_for(method: Method, qk: Any, v: Any, length: int, settings: BenchSettings, backend: Any):
-    """``(zero-argument forward call, num_buckets)``; rotations are drawn outside the call."""
-    if method.kind == "full":
-        return (lambda: full_attention(qk, v, causal=settings.causal)), None
-    num_buckets = default_num_buckets(length, settings.chunk_length)
-    rotations = random_rotations(
-        (settings.seed, method.num_hashes), settings.heads, settings.head_dim, method.num_hashes,
-        num_buckets, like=qk,
-    )
-
-    def call():
-        return lsh_attention(
-            qk, v, rotations,
-            num_buckets=num_buckets,
-            chunk_length=settings.chunk_length,
-            num_chunks_before=settings.num_chunks_before,
-            num_chunks_after=settings.num_chunks_after,
-            causal=settings.causal,
-        )
-
-    return call, num_buckets
-
-
-def _time_skip(method: Method, length: int, done: dict, settings: BenchSettings, remaining: float) -> bool:
-    """Whether the time budget has run out, or would run out, judging by a shorter length."""
-    if remaining <= 0:
-        return True
-    previous = done.get(method.name)
-    if previous is None:
-        return False
-    prev_length, prev_time = previous
-    exponent = 2 if method.kind == "full" else 1
-    calls = settings.warmup + settings.repeats + (1 if settings.measure_memory else 0)
-    return prev_time * (length / prev_length) ** exponent * calls > remaining
-
-
 def run_benchmark(settings: BenchSettings, progress: Any = None, *, argv: list[str] | None = None) -> dict:
-    """Run every (backend, length, method) and return the JSON-ready report.
+    """Run every (backend, length, method, pass) and return the JSON-ready report.
 
-    ``progress``: an object with ``step(message)`` (e.g. :class:`reformer_core._progress.Progress`)
-    told before each configuration. ``argv``: the command line, recorded in the report.
+    ``progress``: an object with ``step(message)`` told before each configuration.
     """
     started = time.monotonic()
     report = {
@@ -323,171 +406,61 @@ def run_benchmark(settings: BenchSettings, progress: Any = None, *, argv: list[s
     for backend_name in settings.backends:
         with use_backend(backend_name) as backend:
             report["backends"][backend_name] = backend.describe()
-            done: dict[str, tuple[int, float]] = {}  # method -> (length, median time) last measured
+            done: dict[tuple, tuple[int, float]] = {}
             for length in settings.lengths:
-                qk = v = None
                 for method in settings.methods:
-                    if progress is not None:
-                        progress.step(f"{backend_name} L={length} {method.title}")
-                    row = {
-                        "backend": backend_name,
-                        "method": method.name,
-                        "kind": method.kind,
-                        "num_hashes": method.num_hashes,
-                        "length": length,
-                        "num_buckets": None,
-                        "status": "ok",
-                        "estimated_peak_bytes": estimate_peak_bytes(method, length, settings),
-                        "times_s": [],
-                        "time_s": None,
-                        "peak_memory_bytes": None,
-                    }
-                    report["results"].append(row)
-                    if method.kind == "lsh":
-                        buckets = default_num_buckets(length, settings.chunk_length)
-                        row["num_buckets"] = list(buckets) if isinstance(buckets, tuple) else buckets
-                    if row["estimated_peak_bytes"] > memory_budget:
-                        row["status"] = SKIPPED_MEMORY
-                        continue
-                    remaining = math.inf
-                    if settings.time_budget_s is not None:
-                        remaining = settings.time_budget_s - (time.monotonic() - started)
-                    if _time_skip(method, length, done, settings, remaining):
-                        row["status"] = SKIPPED_TIME
-                        continue
-                    try:
-                        if qk is None:
-                            qk, v = _inputs(backend, length, settings)
-                        call, _ = _call_for(method, qk, v, length, settings, backend)
-                        row["times_s"] = _time_calls(call, backend.synchronize, settings.warmup, settings.repeats)
-                        row["time_s"] = statistics.median(row["times_s"])
-                        done[method.name] = (length, row["time_s"])
-                        if settings.measure_memory:
-                            row["peak_memory_bytes"] = _peak_memory(backend, call)
-                        del call
-                    except Exception as error:  # MemoryError included: report it, go on with the rest
-                        row["status"] = "error"
-                        row["error"] = f"{type(error).__name__}: {error}"
-                del qk, v
+                    for pass_name in method.passes(settings):
+                        if progress is not None:
+                            progress.step(f"{backend_name} L={length} {method.title} {pass_name}")
+                        row = _measure(backend, backend_name, method, pass_name, length, settings, done,
+                                       memory_budget, started)
+                        report["results"].append(row)
                 gc.collect()
     _add_ratios(report)
     report["elapsed_s"] = round(time.monotonic() - started, 3)
     return report
 
 
+def _measure(backend, backend_name, method, pass_name, length, settings, done, memory_budget, started) -> dict:
+    row = {
+        "backend": backend_name, "method": method.name, "kind": method.kind, "num_hashes": method.num_hashes,
+        "pass": pass_name, "length": length, "batch": settings.batch_at(length), "num_buckets": None,
+        "status": "ok", "estimated_peak_bytes": estimate_peak_bytes(method, length, settings, pass_name),
+        "first_call_s": None, "times_s": [], "time_s": None, "peak_memory_bytes": None, "memory_kind": None,
+    }
+    if method.kind == "lsh":
+        buckets = default_num_buckets(length, settings.chunk_length)
+        row["num_buckets"] = list(buckets) if isinstance(buckets, tuple) else buckets
+    if row["estimated_peak_bytes"] > memory_budget:
+        row["status"] = SKIPPED_MEMORY
+        return row
+    remaining = math.inf
+    if settings.time_budget_s is not None:
+        remaining = settings.time_budget_s - (time.monotonic() - started)
+    key = (method.name, pass_name)
+    if _time_skip(method, key, done, length, settings, remaining):
+        row["status"] = SKIPPED_TIME
+        return row
+    try:
+        call, _ = _call_for(method, pass_name, length, settings, backend)
+        row["first_call_s"], row["times_s"] = _time_calls(call, backend.synchronize, settings.warmup, settings.repeats)
+        row["time_s"] = statistics.median(row["times_s"])
+        done[key] = (length, row["time_s"])
+        if settings.measure_memory:
+            row["peak_memory_bytes"], row["memory_kind"] = _peak_memory(backend, call)
+    except Exception as error:  # MemoryError included: report it, go on with the rest
+        row["status"] = "error"
+        row["error"] = f"{type(error).__name__}: {error}"
+    return row
+
+
 def _add_ratios(report: dict) -> None:
     """``time_vs_first`` / ``memory_vs_first``: each value over the same method's at the shortest length."""
     first_length = report["settings"]["lengths"][0]
-    firsts = {
-        (row["backend"], row["method"]): row
-        for row in report["results"]
-        if row["length"] == first_length and row["status"] == "ok"
-    }
+    firsts = {(r["backend"], r["method"], r["pass"]): r for r in report["results"]
+              if r["length"] == first_length and r["status"] == "ok"}
     for row in report["results"]:
-        first = firsts.get((row["backend"], row["method"]))
+        first = firsts.get((row["backend"], row["method"], row["pass"]))
         for key, out in (("time_s", "time_vs_first"), ("peak_memory_bytes", "memory_vs_first")):
             ok = first is not None and row["status"] == "ok" and row[key] is not None and first[key]
             row[out] = round(row[key] / first[key], 3) if ok else None
-
-
-# ---------------------------------------------------------------- rendering
-
-
-def format_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} us"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds:.2f} s"
-
-
-def format_bytes(count: int | None) -> str:
-    if count is None:
-        return "n/a"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            value = count / size
-            return f"{value:.0f} {unit}" if value >= 100 else f"{value:.1f} {unit}"
-    return f"{count} B"
-
-
-def _table(header_rows: list[list[str]], rows: list[list[str]], first_width: int, cell_width: int) -> list[str]:
-    lines = []
-    for cells in header_rows + rows:
-        line = f"{cells[0]:>{first_width}}" + "".join(f"  {c:>{cell_width}}" for c in cells[1:])
-        lines.append(line.rstrip())
-    return lines
-
-
-def short_device(device: str) -> str:
-    """``"array_api_strict.Device('device1')"`` -> ``"device1"``; other names unchanged."""
-    match = re.fullmatch(r"[\w.]+\('(.*)'\)", str(device))
-    return match.group(1) if match else str(device)
-
-
-def format_report(report: dict) -> str:
-    """Terminal tables: per backend, time and peak memory per method and length, then ratios."""
-    settings = report["settings"]
-    methods = [Method(**m) for m in report["methods"]]
-    lengths = settings["lengths"]
-    first = lengths[0]
-    by_key = {(r["backend"], r["method"], r["length"]): r for r in report["results"]}
-    sub = 9  # width of a time or memory sub-cell
-    group = 2 * sub + 1
-    lines = []
-    for backend_name, described in report["backends"].items():
-        flags = ", ".join(
-            [f"batch {settings['batch']}", f"heads {settings['heads']}", f"head_dim {settings['head_dim']}",
-             f"chunk_length {settings['chunk_length']}", "causal" if settings["causal"] else "not causal",
-             settings["dtype"]]
-        )
-        lines.append(f"{backend_name} {described.get('version', '')} on {short_device(described.get('device', '?'))}: {flags}")
-        lines.append(
-            f"forward time (median of {settings['repeats']} after {settings['warmup']} warm-up) "
-            f"and peak memory of one call; num_buckets = default_num_buckets(L, {settings['chunk_length']})"
-        )
-        header = [["", *[m.title.center(group) for m in methods]],
-                  ["length", *[f"{'time':>{sub}} {'memory':>{sub}}" for m in methods]]]
-        rows = []
-        notes = set()
-        for length in lengths:
-            cells = [str(length)]
-            for method in methods:
-                row = by_key.get((backend_name, method.name, length))
-                if row is None:
-                    cells.append("")
-                elif row["status"] == "ok":
-                    cells.append(f"{format_seconds(row['time_s']):>{sub}} {format_bytes(row['peak_memory_bytes']):>{sub}}")
-                elif row["status"] == "error":
-                    cells.append("error")
-                    notes.add(f"error at L={length} {method.title}: {row.get('error', '')}")
-                else:
-                    cells.append(row["status"])
-            rows.append(cells)
-        lines += _table(header, rows, 6, group)
-        for note in sorted(notes):
-            lines.append(f"  {note}")
-        if any(by_key.get((backend_name, m.name, L), {}).get("status") == SKIPPED_MEMORY for m in methods for L in lengths):
-            lines.append(
-                f"  skipped: memory = estimated peak above --memory-budget-gb {settings['memory_budget_gb']:g}"
-            )
-        if any(by_key.get((backend_name, m.name, L), {}).get("status") == SKIPPED_TIME for m in methods for L in lengths):
-            lines.append(f"  skipped: time = --time-budget {settings['time_budget_s']:g} s ran out")
-        lines.append("")
-        lines.append(f"time relative to L={first} (linear growth: L/{first}; quadratic: (L/{first})^2)")
-        width = 8
-        header = [["length", f"L/{first}", f"(L/{first})^2", *[m.title for m in methods]]]
-        rows = []
-        for length in lengths:
-            scale = length / first
-            cells = [str(length), f"{scale:g}", f"{scale * scale:g}"]
-            for method in methods:
-                ratio = by_key.get((backend_name, method.name, length), {}).get("time_vs_first")
-                cells.append("-" if ratio is None else f"{ratio:.1f}x")
-            rows.append(cells)
-        lines += _table(header, rows, 6, width + 3)
-        lines.append("")
-    lines.append(f"total {format_seconds(report.get('elapsed_s'))}")
-    return "\n".join(lines)

@@ -16,25 +16,28 @@ import numpy as np
 from .config import ReformerConfig
 from .tree import tree_paths
 
-__all__ = ["training_step_memory", "feed_forward_backward_memory", "memory_vs_depth"]
+__all__ = ["traced_peak", "training_step_memory", "feed_forward_backward_memory", "memory_vs_depth"]
 
 
 def _nbytes(tree: Any) -> int:
     return sum(int(leaf.nbytes) for _, leaf in tree_paths(tree))
 
 
-def _traced_peak(fn):
+def traced_peak(fn):
     """Run ``fn`` under tracemalloc; returns ``(result, peak bytes allocated during the call)``."""
     gc.collect()
-    tracemalloc.start()
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         base, _ = tracemalloc.get_traced_memory()
         result = fn()
         _, peak = tracemalloc.get_traced_memory()
     finally:
-        tracemalloc.stop()
-    return result, peak - base
+        if not was_tracing:
+            tracemalloc.stop()
+    return result, max(0, peak - base)
 
 
 def training_step_memory(config: ReformerConfig, *, batch: int, length: int, reversible: bool = True,
@@ -54,7 +57,7 @@ def training_step_memory(config: ReformerConfig, *, batch: int, length: int, rev
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, config.vocab_size, size=(batch, length))
     targets = rng.integers(0, config.vocab_size, size=(batch, length))
-    (loss, grads), peak = _traced_peak(
+    (loss, grads), peak = traced_peak(
         lambda: value_and_grad(params, tokens, targets, config, rotations_seed=seed, reversible=reversible)
     )
     grad_bytes = _nbytes(grads)
@@ -106,7 +109,7 @@ def feed_forward_backward_memory(config: ReformerConfig, *, batch: int, length: 
         grads, d_x = pullback(d_out)
         return out, grads, d_x
 
-    (out, grads, d_x), peak = _traced_peak(step)
+    (out, grads, d_x), peak = traced_peak(step)
     boundary = int(out.nbytes + d_x.nbytes + _nbytes(grads))
     return {"length": length, "ff_chunk_length": config.ff_chunk_length, "peak_bytes": int(peak),
             "boundary_bytes": boundary, "intermediate_bytes": int(peak - boundary)}

@@ -215,18 +215,29 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
 
     try:
         backends = _bench.resolve_backends(args.backends)
+        figure = args.speed_figure
+        if args.lengths:
+            lengths = args.lengths
+        else:
+            lengths = _bench.SPEED_FIGURE_LENGTHS if figure else _bench.DEFAULT_LENGTHS
+            lengths = lengths[:2] if args.quick else lengths
         settings = _bench.BenchSettings(
             backends=backends,
-            lengths=args.lengths or (_bench.QUICK_LENGTHS if args.quick else _bench.DEFAULT_LENGTHS),
+            lengths=lengths,
             num_hashes=args.hashes,
             include_full=not args.no_full,
+            include_local=not (args.no_local or figure),
+            include_train=not (args.no_train or figure),
+            passes=("forward",) if (args.forward_only or figure) else _bench.PASSES,
             batch=args.batch,
+            fixed_tokens=32768 if figure else None,
             heads=args.heads,
             head_dim=args.head_dim,
             chunk_length=args.chunk_length,
             causal=not args.no_causal,
             dtype=args.dtype,
             repeats=args.repeats or (1 if args.quick else 3),
+            compile=not args.no_compile,
             measure_memory=not args.no_memory,
             memory_budget_gb=args.memory_budget_gb,
             time_budget_s=args.time_budget,
@@ -235,12 +246,21 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     except ValueError as error:
         print(f"reformer-core bench: error: {error}", file=sys.stderr)
         return 2
-    total = len(settings.backends) * len(settings.lengths) * len(settings.methods)
+    total = len(settings.backends) * len(settings.lengths) * sum(len(m.passes(settings)) for m in settings.methods)
     with Progress(total, label="bench", enabled=not args.no_progress) as progress:
         report = _bench.run_benchmark(settings, progress, argv=argv)
     print(_bench.format_report(report))
     if args.json:
         _write_json(args.json, report)
+    if args.plot:
+        from ._bench_report import plot_report
+
+        try:
+            plot_report(report, args.plot)
+        except ValueError as error:
+            print(f"reformer-core bench: error: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}", file=sys.stderr)
     errors = [row for row in report["results"] if row["status"] == "error"]
     if errors:
         print(f"reformer-core bench: {len(errors)} configuration(s) failed; see the table", file=sys.stderr)
@@ -271,14 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
             "chunk_length 64, causal, float32 unless told otherwise)."
         ),
     )
-    bench.add_argument("--backends", metavar="LIST", help="comma-separated backends, or 'all' installed (default: numpy)")
+    bench.add_argument("--backends", metavar="LIST",
+                       help="comma-separated backends with optional devices, e.g. numpy,torch,torch:cuda,jax,jax:gpu,"
+                            "cupy (default: the installed CPU backends among numpy, torch, jax)")
     bench.add_argument("--lengths", type=_int_list, metavar="LIST",
-                       help="sequence lengths (default 1024,2048,4096,8192,16384; --quick: 1024,2048,4096)")
+                       help="sequence lengths (default 1024..16384 doubling; --speed-figure: up to 32768; --quick: the first)")
     bench.add_argument("--hashes", type=_int_list, default=(1, 2, 4, 8), metavar="LIST",
                        help="LSH hash rounds to compare (default 1,2,4,8)")
     bench.add_argument("--no-full", action="store_true", help="leave out full attention")
     bench.add_argument("--repeats", type=int, metavar="N", help="timed calls per configuration; the median is reported (default 3; --quick: 1)")
-    bench.add_argument("--quick", action="store_true", help="lengths 1024,2048,4096 and 1 repeat (well under a minute)")
+    bench.add_argument("--quick", action="store_true", help="the first lengths only and 1 repeat (about 2 minutes on 2 cores)")
+    bench.add_argument("--speed-figure", action="store_true",
+                       help="the paper's Figure 5 (right): batch x length fixed at 32768 tokens, lengths 1K-32K, "
+                            "full vs LSH-1/2/4/8, forward")
+    bench.add_argument("--no-local", action="store_true", help="leave out local attention")
+    bench.add_argument("--no-train", action="store_true", help="leave out the whole training step")
+    bench.add_argument("--forward-only", action="store_true", help="no forward+backward pass")
+    bench.add_argument("--no-compile", action="store_true", help="do not jit on backends that can (JAX)")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory against length (matplotlib)")
     bench.add_argument("--memory-budget-gb", type=_positive_float, default=8.0, metavar="GB",
                        help="skip a configuration whose estimated peak memory exceeds this (default 8)")
     bench.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",

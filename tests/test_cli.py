@@ -46,43 +46,58 @@ def test_info_runs_as_a_module():
     assert "numpy" in result.stdout
 
 
-def test_bench_quick_writes_json(tmp_path, capsys):
+def test_bench_quick_writes_json_and_a_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     path = tmp_path / "out" / "bench.json"
-    status = main(["bench", "--quick", "--lengths", "512,1024", "--json", str(path), "--no-progress"])
+    plot = tmp_path / "bench.png"
+    status = main(["bench", "--quick", "--backends", "numpy", "--lengths", "128,256", "--json", str(path),
+                   "--plot", str(plot), "--no-progress"])
     assert status == 0
     out = capsys.readouterr().out
-    assert "lsh x8" in out and "full" in out and "time relative to L=512" in out
+    assert "lsh x8" in out and "full" in out and "local" in out and "train step" in out and "fwd+bwd" in out
 
     report = json.loads(path.read_text())
     assert report["schema"] == _bench.SCHEMA
-    assert report["settings"]["lengths"] == [512, 1024]
+    assert report["settings"]["lengths"] == [128, 256]
     assert report["settings"]["repeats"] == 1
     assert report["settings"]["causal"] is True and report["settings"]["dtype"] == "float32"
     assert report["versions"]["numpy"] and report["versions"]["python"]
     assert report["hardware"]["cpu_count"] >= 1 and report["hardware"]["platform"]
     assert report["backends"]["numpy"]["backend"] == "numpy"
     methods = [m["name"] for m in report["methods"]]
-    assert methods == ["lsh-1", "lsh-2", "lsh-4", "lsh-8", "full"]
-    assert len(report["results"]) == 2 * len(methods)
+    assert methods == ["lsh-1", "lsh-2", "lsh-4", "lsh-8", "local", "full", "train"]
+    assert len(report["results"]) == 2 * (6 * 2 + 1)
     for row in report["results"]:
         assert row["status"] == "ok", row
-        assert row["time_s"] > 0 and len(row["times_s"]) == 1
-        assert row["peak_memory_bytes"] > 0
+        assert row["time_s"] > 0 and len(row["times_s"]) == 1 and row["first_call_s"] > 0
+        assert row["peak_memory_bytes"] > 0 and row["memory_kind"] == "host (tracemalloc)"
         assert row["time_vs_first"] is not None
         if row["kind"] == "lsh":
             assert row["num_buckets"] == _bench.default_num_buckets(row["length"], 64)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_speed_figure_keeps_tokens_fixed(capsys):
+    settings = _bench.BenchSettings(lengths=(128, 256, 512), fixed_tokens=512, num_hashes=(1, 2), include_local=False,
+                                    include_train=False, passes=("forward",), repeats=1, measure_memory=False)
+    report = _bench.run_benchmark(settings)
+    assert {(r["length"], r["batch"]) for r in report["results"]} == {(128, 4), (256, 2), (512, 1)}
+    text = _bench.format_report(report)
+    assert "speed figure (512 tokens per step)" in text and "max/min" in text
 
 
 def test_bench_skips_over_memory_budget(capsys):
     # full attention at L=1024: 4 * 1024^2 * 2 heads * 4 bytes = 32 MiB > 0.02 GB
-    settings = _bench.BenchSettings(lengths=(256,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02)
+    settings = _bench.BenchSettings(lengths=(256,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02,
+                                    include_local=False, include_train=False)
     report = _bench.run_benchmark(settings)
-    assert [r["status"] for r in report["results"]] == ["ok", "ok"]
-    settings = _bench.BenchSettings(lengths=(1024,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02)
+    assert {r["status"] for r in report["results"]} == {"ok"}
+    settings = _bench.BenchSettings(lengths=(1024,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02,
+                                    include_local=False, include_train=False, passes=("forward",))
     report = _bench.run_benchmark(settings)
     statuses = {r["method"]: r["status"] for r in report["results"]}
     assert statuses == {"lsh-1": "ok", "full": "skipped: memory"}
-    assert "skipped: memory" in _bench.format_report(report)
+    assert "skip memory" in _bench.format_report(report)
 
 
 def test_bench_skips_when_time_budget_runs_out():
