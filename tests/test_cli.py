@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+import reformer_core
 from reformer_core import _bench
 from reformer_core._progress import Progress
 from reformer_core.cli import main
@@ -183,3 +184,18 @@ def test_ci_runs_the_readme_test_command():
     command = result.stdout.strip()
     assert "python -m pytest" in command
     assert command in readme
+
+
+def test_bench_quick_on_every_installed_cpu_backend(tmp_path, capsys):
+    """What CI runs: `reformer-core bench --quick` on the installed CPU backends side by side
+    (small lengths here to keep the suite fast), valid JSON and a PNG."""
+    pytest.importorskip("matplotlib")
+    path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    status = main(["bench", "--quick", "--lengths", "128,256", "--hashes", "2", "--json", str(path),
+                   "--plot", str(plot), "--no-progress"])
+    assert status == 0
+    report = json.loads(path.read_text())
+    expected = [name for name in ("numpy", "torch", "jax") if name in reformer_core.available_backends()]
+    assert list(report["backends"]) == expected
+    assert {row["status"] for row in report["results"]} == {"ok"}
+    assert plot.stat().st_size > 1000
