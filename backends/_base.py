@@ -96,6 +96,13 @@ class Backend:
 
         return rule_vjp(fn, *primals)
 
+    def jit(self, fn: Callable) -> Callable:
+        """``fn`` compiled by the framework; only where ``"jit"`` is in ``capabilities``.
+
+        ``fn`` must be a pure function of arrays and pytrees (dicts, lists, tuples) of arrays.
+        """
+        raise NotImplementedError(f"backend {self.name!r} cannot compile functions (no 'jit' capability)")
+
     # ---- misc ----
     def version(self) -> str:
         raise NotImplementedError

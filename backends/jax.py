@@ -13,9 +13,18 @@ capability and refuses float64 arrays instead of silently making them float32.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ._base import Backend
+
+# The core asks for int64 indices and sort keys (the standard's default index dtype). Without
+# x64, JAX makes them int32 and warns at every such call; int32 is exact here as long as
+# num_hashes * (num_buckets + 1) * length < 2**31 (jax_model checks it), so the warning carries
+# no information for reformer-core's calls. Only this message from JAX is silenced.
+warnings.filterwarnings("ignore", message=r"Explicitly requested dtype int64 requested in .* is not available",
+                        category=UserWarning)
 
 _PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
@@ -52,6 +61,10 @@ class JaxBackend(Backend):
         if found[0].platform != "cpu":
             found += list(jax.devices("cpu"))
         return found
+
+    def owns(self, array) -> bool:
+        # Concrete arrays are jaxlib types (jaxlib._jax.ArrayImpl), tracers are jax types.
+        return type(array).__module__.split(".", 1)[0] in ("jax", "jaxlib")
 
     def parse_device(self, device):
         """A ``jax.Device``, or ``"cpu"``, ``"gpu"`` (also ``"cuda"``), ``"tpu"``, ``"cpu:1"``, ``"gpu:0"``."""
@@ -111,6 +124,10 @@ class JaxBackend(Backend):
     def to_numpy(self, array):
         import jax
 
+        if isinstance(array, jax.core.Tracer):
+            # Inside eager jax.vjp/jax.grad an array is a tracer holding its value; stop_gradient
+            # gives that value (under jit there is none, and JAX raises its own clear error).
+            array = jax.lax.stop_gradient(array)
         return np.array(jax.device_get(array), copy=True)
 
     def synchronize(self, *arrays) -> None:
@@ -132,6 +149,12 @@ class JaxBackend(Backend):
         if not callable(fn):
             raise TypeError(f"vjp needs a callable, got {type(fn).__name__}")
         return jax.vjp(fn, *primals)
+
+    def stop_gradient(self, array):
+        """``jax.lax.stop_gradient``: the value without its autodiff trace."""
+        import jax
+
+        return jax.lax.stop_gradient(array)
 
     def jit(self, fn):
         """``jax.jit(fn)``: ``fn`` must be a pure function of array pytrees."""

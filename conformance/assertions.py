@@ -44,11 +44,13 @@ def _dtype_name(dtype) -> str:
 
 
 def compare(actual: Any, expected: np.ndarray, *, target, dtype: str, component: str, quantity: str,
-            case, kind: str = "forward", exact: bool = False) -> None:
+            case, kind: str = "forward", exact: bool = False, result_dtype: str | None = None) -> None:
     """Assert that ``actual`` (an array of the target backend) matches ``expected`` (float64).
 
     ``kind`` is ``"forward"`` or ``"grad"`` (picks the tolerance); ``exact`` demands equality
-    (integer results such as buckets and permutations).
+    (integer results such as buckets and permutations). ``dtype`` is the dtype under test (it
+    picks the tolerance); ``result_dtype`` is the dtype ``actual`` must have when that differs
+    (a loss is float32 even when computed from bfloat16 logits).
     """
     backend = target.backend
     where = f"{component} / {quantity} on {target.spec} ({dtype})"
@@ -65,8 +67,8 @@ def compare(actual: Any, expected: np.ndarray, *, target, dtype: str, component:
     if tuple(actual.shape) != expected.shape:
         fail(f"shape {tuple(actual.shape)}, expected {expected.shape}")
     got_dtype = _dtype_name(actual.dtype)
-    if not exact and got_dtype != dtype:
-        fail(f"dtype {got_dtype}, expected {dtype}")
+    if not exact and got_dtype != (result_dtype or dtype):
+        fail(f"dtype {got_dtype}, expected {result_dtype or dtype}")
     host = np.asarray(backend.to_numpy(actual))
     if exact:
         mismatches = int(np.sum(host != expected))

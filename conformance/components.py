@@ -24,7 +24,15 @@ from reformer_core.training import value_and_grad
 from reformer_core.tree import tree_map, tree_paths
 
 from .assertions import compare, reproduction
-from .oracle import check_buckets, record_buckets, replay_buckets
+from .oracle import (
+    capture_traced,
+    check_buckets,
+    record_buckets,
+    record_gates,
+    release_captured,
+    replay_buckets,
+    replay_gates,
+)
 
 __all__ = ["COMPONENTS", "run_check"]
 
@@ -58,9 +66,33 @@ class _On:
         return np.asarray(self.backend.to_numpy(array))
 
 
+def _on_target(target, fn: Callable) -> Callable:
+    """``fn`` as the target runs it: as is, or compiled by ``backend.jit`` for a ``+jit`` target
+    (``fn`` then takes only arrays and pytrees of arrays). A compiled ``fn`` also returns the
+    buckets and ReLU gates it computed, which go to the active recorders as eager ones do."""
+    if not target.jit:
+        return fn
+
+    def traced(*args):
+        with capture_traced(getattr(target.backend, "stop_gradient", lambda array: array)) as captured:
+            return fn(*args), captured
+
+    compiled = target.backend.jit(traced)
+
+    def run(*args):
+        out, captured = compiled(*args)
+        release_captured(captured, target.backend.to_numpy)
+        return out
+
+    return run
+
+
 def _vjp_on_target(target, forward: Callable, rule: Callable, primals: tuple, cotangent):
-    out, pullback = target.backend.vjp(Differentiable(forward, rule), *primals)
-    return out, pullback(cotangent)
+    def run(primals, cotangent):
+        out, pullback = target.backend.vjp(Differentiable(forward, rule), *primals)
+        return out, pullback(cotangent)
+
+    return _on_target(target, run)(primals, cotangent)
 
 
 def _compare_tree(got, expected, **kwargs) -> None:
@@ -83,8 +115,8 @@ def _fail(failures, component, target, dtype, case):
 
 def check_hashing(target, dtype, case) -> None:
     on, a = _On(target, dtype), case.arrays()
-    got = rc.hash_vectors(on.put(a["qk"]), on.put(a["rotations"]), case.num_buckets,
-                          attention_mask=on.put(a["keep"]))
+    got = _on_target(target, lambda qk, r, keep: rc.hash_vectors(qk, r, case.num_buckets, attention_mask=keep))(
+        on.put(a["qk"]), on.put(a["rotations"]), on.put(a["keep"]))
     expected, real = check_buckets(on.host(got), on.rounded(a["qk"]), on.rounded(a["rotations"]),
                                    case.num_buckets, a["keep"], dtype)
     _fail([f"{real} bucket ids differ by more than a rounding tie"] if real else [], "hashing", target, dtype, case)
@@ -95,7 +127,7 @@ def check_hashing(target, dtype, case) -> None:
 def check_sorting(target, dtype, case) -> None:
     on, a = _On(target, dtype), case.arrays()
     buckets = np.asarray(rc.hash_vectors(a["qk"], a["rotations"], case.num_buckets, attention_mask=a["keep"]))
-    perm, undo = sort_by_bucket(target.backend.xp, on.put(buckets))
+    perm, undo = _on_target(target, lambda b: sort_by_bucket(target.backend.xp, b))(on.put(buckets))
     expected_perm, expected_undo = sort_by_bucket(np_xp, buckets)
     for name, got, expected in (("perm", perm, expected_perm), ("undo", undo, expected_undo)):
         compare(got, expected, target=target, dtype=dtype, component="sorting", quantity=name, case=case, exact=True)
@@ -114,7 +146,7 @@ def _attention_check(component, target, dtype, case, names, forward, vjp) -> Non
     on, a = _On(target, dtype), case.arrays()
     failures: list[str] = []
     with record_buckets(on.host) as recorded:
-        out = forward(on.put, *(on.put(a[n]) for n in names))
+        out = _on_target(target, lambda *xs: forward(on.put, *xs))(*(on.put(a[n]) for n in names))
     with replay_buckets(recorded, dtype, failures):
         expected, pullback = vjp(on.rounded, *(on.rounded(a[n]) for n in names))
         expected_grads = pullback(on.rounded(a["d_out"]))
@@ -178,12 +210,16 @@ def _params_check(component, target, dtype, case, params64, x64, d_out64, forwar
     on = _On(target, dtype)
     kwargs = dict(target=target, dtype=dtype, component=component, case=case)
     xp = target.backend.xp
-    out = forward(xp, on.put_tree(params64), on.put(x64))
-    expected, pullback = rule(np_xp, tree_map(on.rounded, params64), on.rounded(x64))
-    expected_grads = pullback(on.rounded(d_out64))
+    failures: list[str] = []
+    with record_gates(on.host) as gates:
+        out = _on_target(target, lambda p, x: forward(xp, p, x))(on.put_tree(params64), on.put(x64))
+        _, grads = _vjp_on_target(target, lambda p, x: forward(xp, p, x), lambda p, x: rule(xp, p, x),
+                                  (on.put_tree(params64), on.put(x64)), on.put(d_out64))
+    with replay_gates(gates, dtype, failures):
+        expected, pullback = rule(np_xp, tree_map(on.rounded, params64), on.rounded(x64))
+        expected_grads = pullback(on.rounded(d_out64))
+    _fail(failures, component, target, dtype, case)
     compare(out, expected, quantity="out", **kwargs)
-    _, grads = _vjp_on_target(target, lambda p, x: forward(xp, p, x), lambda p, x: rule(xp, p, x),
-                              (on.put_tree(params64), on.put(x64)), on.put(d_out64))
     _compare_tree(grads[0], expected_grads[0], **kwargs)
     if grads[1] is not None and expected_grads[1] is not None:
         compare(grads[1], expected_grads[1], quantity="d x", kind="grad", **kwargs)
@@ -235,10 +271,11 @@ def check_reversible(target, dtype, case) -> None:
         return y1, y2, rebuilt, d_x, grads
 
     x64 = a["x"]
-    with record_buckets(on.host) as recorded:
-        y1, y2, rebuilt, d_x, grads = run(target.backend.xp, on.put_tree(params64), on.put(x64), on.put(a["keep"]),
-                                          on.put(x64[::-1].copy()), target.backend.vjp)
-    with replay_buckets(recorded, dtype, failures):
+    with record_buckets(on.host) as recorded, record_gates(on.host) as gates:
+        y1, y2, rebuilt, d_x, grads = _on_target(
+            target, lambda p, x, keep, d: run(target.backend.xp, p, x, keep, d, target.backend.vjp)
+        )(on.put_tree(params64), on.put(x64), on.put(a["keep"]), on.put(x64[::-1].copy()))
+    with replay_buckets(recorded, dtype, failures), replay_gates(gates, dtype, failures):
         e_y1, e_y2, _, e_dx, e_grads = run(np_xp, tree_map(on.rounded, params64), on.rounded(x64), a["keep"],
                                            on.rounded(x64[::-1].copy()), rule_vjp)
     _fail(failures, "reversible", target, dtype, case)
@@ -262,21 +299,24 @@ def check_model(target, dtype, case) -> None:
     dropout_seed = case.seed if case.dropout else None
     failures: list[str] = []
 
-    def run(params, tokens, targets, keep):
+    def run(params, tokens, targets, keep, check_values=True):
         logits = rc.apply(params, tokens, config, rotations_seed=case.seed, attention_mask=keep,
-                          dropout_seed=dropout_seed)
+                          dropout_seed=dropout_seed, check_values=check_values)
         loss, grads = value_and_grad(params, tokens, targets, config, rotations_seed=case.seed,
-                                     attention_mask=keep, dropout_seed=dropout_seed)
+                                     attention_mask=keep, dropout_seed=dropout_seed, check_values=check_values)
         return logits, loss, grads
 
-    with record_buckets(on.host) as recorded:
-        logits, loss, grads = run(on.put_tree(params64), on.put(a["tokens"]), on.put(a["targets"]), on.put(a["keep"]))
-    with replay_buckets(recorded, dtype, failures):
+    with record_buckets(on.host) as recorded, record_gates(on.host) as gates:
+        # Token values cannot be checked while traced (int() of a tracer).
+        logits, loss, grads = _on_target(target, lambda *args: run(*args, check_values=not target.jit))(
+            on.put_tree(params64), on.put(a["tokens"]), on.put(a["targets"]), on.put(a["keep"]))
+    with replay_buckets(recorded, dtype, failures), replay_gates(gates, dtype, failures):
         e_logits, e_loss, e_grads = run(tree_map(on.rounded, params64), a["tokens"], a["targets"], a["keep"])
     _fail(failures, "model", target, dtype, case)
     compare(logits, e_logits, quantity="logits", **kwargs)
     loss_dtype = "float64" if dtype == "float64" else "float32"
-    compare(loss, np.asarray(e_loss), quantity="loss", **{**kwargs, "dtype": loss_dtype})
+    # The loss is float32 for float32/bfloat16 logits, but its error is that of the tested dtype's logits.
+    compare(loss, np.asarray(e_loss), quantity="loss", result_dtype=loss_dtype, **kwargs)
     _compare_tree(grads, e_grads, **kwargs)
 
 

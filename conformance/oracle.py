@@ -16,11 +16,17 @@ from unittest import mock
 
 import numpy as np
 
+from reformer_core import layers as layers_module
 from reformer_core import lsh as lsh_module
 
 from .tolerances import HASH_TIE_ULPS
 
-__all__ = ["EPSILON", "bucket_margins", "check_buckets", "replay_buckets", "record_buckets"]
+__all__ = ["EPSILON", "bucket_margins", "check_buckets", "replay_buckets", "record_buckets", "record_gates",
+           "replay_gates", "RELU_TIE_ULPS", "capture_traced", "release_captured"]
+
+# A ReLU pre-activation this close to 0 (in ulps of the dtype, relative to the largest
+# |pre-activation| of its row) may land on the other side of 0 in a low-precision backend.
+RELU_TIE_ULPS = 16
 
 EPSILON = {"float64": 2.0**-52, "float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
 
@@ -75,7 +81,7 @@ def record_buckets(to_numpy):
         recorded.append(np.asarray(to_numpy(buckets)))
         return buckets
 
-    with mock.patch.object(lsh_module, "_hash", recording):
+    with mock.patch.object(lsh_module, "_hash", recording), _active("buckets", recorded):
         yield recorded
 
 
@@ -99,3 +105,114 @@ def replay_buckets(recorded: list[np.ndarray], dtype: str, failures: list[str]):
 
     with mock.patch.object(lsh_module, "_hash", replaying):
         yield
+
+
+# ReLU gates: the same tie problem as buckets. In bfloat16 a pre-activation within rounding of
+# 0 can take the other side of the gate than in the float64 oracle, which moves that position's
+# whole term in the gradient (measured: 0.46 relative on a feed-forward bias gradient). So the
+# backend's gates are recorded, checked to differ from the oracle's only at near-zero
+# pre-activations, and replayed in the oracle, as buckets are.
+
+
+@contextlib.contextmanager
+def record_gates(to_numpy):
+    """Collect ``(pre-activation, gate)`` of every ReLU the backend computes."""
+    recorded: list[tuple[np.ndarray, np.ndarray]] = []
+    original = layers_module.activation
+
+    def recording(xp, name, x):
+        if name == "relu":
+            recorded.append((np.asarray(to_numpy(x)).astype(np.float64), np.asarray(to_numpy(x > 0))))
+        return original(xp, name, x)
+
+    with mock.patch.object(layers_module, "activation", recording), _active("gates", recorded):
+        yield recorded
+
+
+@contextlib.contextmanager
+def replay_gates(recorded: list, dtype: str, failures: list[str]):
+    """Make the oracle's ReLUs use the backend's gates where the two differ by a tie (real
+    differences are appended to ``failures``). Calls are matched by shape and nearest values,
+    since a chunked feed-forward's backward calls them in another order than its forward."""
+    original, original_backward = layers_module.activation, layers_module.activation_backward
+
+    def gate_for(x):
+        x = np.asarray(x)
+        candidates = [(pre, gate) for pre, gate in recorded if pre.shape == x.shape]
+        if not candidates:
+            return None
+        pre, gate = min(candidates, key=lambda c: float(np.max(np.abs(c[0] - x))) if x.size else 0.0)
+        mine = x > 0
+        differ = gate != mine
+        if differ.any():
+            scale = np.max(np.abs(x), axis=-1, keepdims=True)
+            tie = np.abs(x) <= RELU_TIE_ULPS * EPSILON[dtype] * scale
+            real = int(np.sum(differ & ~tie))
+            if real:
+                failures.append(f"{real} ReLU gates differ from the oracle's by more than a rounding tie")
+        return gate
+
+    def activation(xp, name, x):
+        gate = gate_for(x) if name == "relu" else None
+        if gate is None:
+            return original(xp, name, x)
+        return xp.where(xp.asarray(gate), x, xp.zeros_like(x))
+
+    def activation_backward(xp, name, x, d_out):
+        gate = gate_for(x) if name == "relu" else None
+        if gate is None:
+            return original_backward(xp, name, x, d_out)
+        return xp.where(xp.asarray(gate), d_out, xp.zeros_like(d_out))
+
+    with mock.patch.object(layers_module, "activation", activation), \
+            mock.patch.object(layers_module, "activation_backward", activation_backward):
+        yield
+
+
+# Compiled (``+jit``) targets: traced values cannot be brought to the host in the middle of a
+# function being compiled. ``capture_traced`` collects them (computed by the genuine functions)
+# so the compiled function can return them; ``release_captured`` then hands the concrete
+# values to the innermost active ``record_buckets`` / ``record_gates`` block.
+
+_GENUINE = {"hash": lsh_module._hash, "activation": layers_module.activation}
+_RECORDING: dict[str, list[list]] = {"buckets": [], "gates": []}  # active record_* lists, innermost last
+
+
+@contextlib.contextmanager
+def _active(kind: str, recorded: list):
+    _RECORDING[kind].append(recorded)
+    try:
+        yield
+    finally:
+        _RECORDING[kind].remove(recorded)
+
+
+@contextlib.contextmanager
+def capture_traced(detach=lambda array: array):
+    """Inside a function being traced: collect every LSH call's buckets and every ReLU's
+    ``(pre-activation, gate)`` as traced arrays, in call order. ``detach`` cuts an array out
+    of an inner autodiff trace (a ReLU inside ``vjp``), so it can be returned."""
+    captured: dict[str, list] = {"buckets": [], "gates": []}
+
+    def hashing(xp, x, rotations, num_buckets, keep):
+        buckets = _GENUINE["hash"](xp, x, rotations, num_buckets, keep)
+        captured["buckets"].append(buckets)
+        return buckets
+
+    def activation(xp, name, x):
+        if name == "relu":
+            captured["gates"].append((detach(x), x > 0))
+        return _GENUINE["activation"](xp, name, x)
+
+    with mock.patch.object(lsh_module, "_hash", hashing), mock.patch.object(layers_module, "activation", activation):
+        yield captured
+
+
+def release_captured(captured: dict, to_numpy) -> None:
+    """Give what a compiled function returned from ``capture_traced`` to the active recorders."""
+    for buckets in captured["buckets"]:
+        if _RECORDING["buckets"]:
+            _RECORDING["buckets"][-1].append(np.asarray(to_numpy(buckets)))
+    for pre, gate in captured["gates"]:
+        if _RECORDING["gates"]:
+            _RECORDING["gates"][-1].append((np.asarray(to_numpy(pre)).astype(np.float64), np.asarray(to_numpy(gate))))

@@ -4,6 +4,10 @@ A target is a backend spec as ``reformer_core.set_backend`` takes it: ``numpy``,
 ``strict:device1``, ``torch``, ``torch:cuda``, ``jax``, ``jax:gpu``, ``cupy``, or a
 third-party adapter's import path ``package.module:ClassName``. A target that cannot be
 made here (framework not installed, no GPU) is skipped with the reason.
+
+A ``+jit`` suffix (``jax+jit``, ``jax:gpu+jit``) runs every check's target side compiled by
+the backend's ``jit`` (backends with the ``"jit"`` capability), so the core is tested traced
+as well as eagerly.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from dataclasses import dataclass
 __all__ = ["ENV_VAR", "Target", "default_specs", "parse_specs", "dtypes_for", "make_target"]
 
 ENV_VAR = "REFORMER_CONFORMANCE_BACKENDS"
-_DEFAULT_ORDER = ("numpy", "strict", "torch", "jax")
+_DEFAULT_ORDER = ("numpy", "strict", "torch", "jax", "jax+jit")
+JIT_SUFFIX = "+jit"
 
 
 @dataclass(frozen=True)
 class Target:
     spec: str
     backend: object  # a reformer_core backend object
+    jit: bool = False  # run the target side compiled with backend.jit
 
     @property
     def name(self) -> str:
@@ -36,7 +42,7 @@ def default_specs() -> list[str]:
     from reformer_core import available_backends
 
     installed = available_backends()
-    return [name for name in _DEFAULT_ORDER if name in installed]
+    return [spec for spec in _DEFAULT_ORDER if spec.removesuffix(JIT_SUFFIX) in installed]
 
 
 def parse_specs(text: str | None) -> list[str]:
@@ -51,11 +57,14 @@ def make_target(spec: str) -> tuple[Target | None, str | None]:
     """``(target, None)``, or ``(None, why it cannot run here)``."""
     from reformer_core.backend import resolve_backend
 
+    jit = spec.endswith(JIT_SUFFIX)
     try:
-        backend = resolve_backend(spec)
+        backend = resolve_backend(spec.removesuffix(JIT_SUFFIX))
     except (ValueError, ImportError, RuntimeError) as error:  # not installed, no such device, no GPU
         return None, f"{spec}: {error}"
-    return Target(spec, backend), None
+    if jit and "jit" not in backend.capabilities:
+        return None, f"{spec}: backend {backend.name!r} cannot compile functions (no 'jit' capability)"
+    return Target(spec, backend, jit), None
 
 
 def dtypes_for(spec: str) -> list[str]:

@@ -41,7 +41,9 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     # float32 on GPU (TF32 off): other reduction orders and fused kernels.
     ("float32", "*", "gpu"): Tolerance(1e-4, 1e-5, 5e-4, 1e-5),
     # bfloat16 keeps 8 bits of mantissa (eps 7.8e-3); attention sums a window of terms.
-    ("bfloat16", "*", "*"): Tolerance(5e-2, 1e-2, 1e-1, 1e-2),
+    # Gradients: measured up to 0.18 of max|grad| on jax full attention with head_dim 2, where
+    # the key normalisation's rsqrt of a two-term mean amplifies bf16 rounding.
+    ("bfloat16", "*", "*"): Tolerance(5e-2, 1e-2, 2.5e-1, 1e-2),
     # float16: 11 bits (eps 9.8e-4).
     ("float16", "*", "*"): Tolerance(1e-2, 1e-3, 3e-2, 1e-3),
 }

@@ -82,6 +82,9 @@ def device_of(array: Any):
 def check_same_device(named: dict[str, Any]) -> None:
     """Raise ValueError when the given arrays do not all live on one device."""
     devices = {name: device_of(a) for name, a in named.items() if a is not None}
+    # Arrays traced by a framework (JAX under jit, grad or vjp) have no device (None); the
+    # framework places them itself, so only concrete devices are compared.
+    devices = {name: d for name, d in devices.items() if d is not None}
     distinct = []
     for d in devices.values():
         if not any(d == e for e in distinct):
