@@ -19,12 +19,15 @@ prints it at the end when run with ``-s``).
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Callable
 
-import math
-
 import numpy as np
-from hypothesis import assume, currently_in_test_context
+from hypothesis import assume, currently_in_test_context, settings
+from hypothesis import strategies as st
+
+import reformer_core as rc
 
 EPS = 1e-6
 RTOL = 1e-6
@@ -195,3 +198,36 @@ def report() -> str:
         flips = f"  ({FLIPS[rule]} examples rejected: bucket flip)" if FLIPS.get(rule) else ""
         lines.append(f"{rule.ljust(width)}  {COUNTS[rule]:6d}  {MAX_ERRORS[rule]:.3e}{flips}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- shared by the gradient test modules
+
+seeds = st.integers(0, 2**32 - 1)
+NUMPY = rc.backend_for(np.zeros(1))
+
+
+# GRADCHECK_EXAMPLES=10 runs ten times as many hypothesis examples (a longer soak).
+EXAMPLES_SCALE = float(os.environ.get("GRADCHECK_EXAMPLES", "1"))
+
+
+def fast(n):
+    return settings(max_examples=max(1, int(n * EXAMPLES_SCALE)), deadline=None)
+
+
+
+
+def padding_mask(draw, rng, batch, length):
+    """None, or a random bool (batch, length) mask (suffix padding or scattered holes)."""
+    kind = draw(st.sampled_from(["none", "none", "suffix", "random"]))
+    if kind == "none":
+        return None
+    if kind == "suffix":
+        mask = np.ones((batch, length), dtype=bool)
+        for b in range(batch):
+            mask[b, length - draw(st.integers(0, length - 1)):] = False
+        return mask
+    return rng.random((batch, length)) < 0.7
+
+
+def keep_mask(rng, shape, rate=0.3):
+    return rng.random(shape) >= rate
