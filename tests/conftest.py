@@ -5,8 +5,16 @@ Keep this file small: fixtures here are used by several test modules.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI must not flake: hypothesis draws the same examples every run unless HYPOTHESIS_RANDOM=1
+# asks for fresh ones (a soak; failures print their seed and the falsifying example).
+settings.register_profile("reformer-core-tests", derandomize=not os.environ.get("HYPOTHESIS_RANDOM"))
+settings.load_profile("reformer-core-tests")
 
 import reformer_core as rc
 import reformer_core.backend as backend_module
