@@ -15,7 +15,7 @@ import numpy as np
 from array_api_compat import numpy as np_xp
 
 import reformer_core as rc
-from reformer_core import blocks, embedding, lsh, model, reversible
+from reformer_core import blocks, lsh, model, reversible
 from reformer_core.autodiff import Differentiable, rule_vjp
 from reformer_core.full import full_attention_vjp
 from reformer_core.local import local_attention_vjp

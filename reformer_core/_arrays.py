@@ -5,7 +5,6 @@ Everything here works on any conforming namespace (checked on ``array_api_strict
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import array_api_compat
@@ -162,10 +161,6 @@ def logsumexp(xp, x: Any, axis: int) -> Any:
     top = xp.max(x, axis=axis, keepdims=True)
     # A row of all -inf would give nan; our masks are finite so top is always finite.
     return xp.squeeze(top, axis=axis) + xp.log(xp.sum(xp.exp(x - top), axis=axis))
-
-
-def inverse_sqrt(n: int) -> float:
-    return 1.0 / math.sqrt(n)
 
 
 def keep_mask(xp, attention_mask: Any, batch: int, length: int):

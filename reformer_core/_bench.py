@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._memory import traced_peak
-from ._bench_report import format_report, short_device  # noqa: F401  (re-exported)
+from ._bench_report import format_report  # re-exported for callers of run_benchmark
 from .autodiff import Differentiable
 from .backend import available_backends, known_backends, use_backend
 from .config import ReformerConfig, default_num_buckets

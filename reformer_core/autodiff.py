@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["Differentiable", "rule_vjp", "tree_add", "tree_zeros_like"]
+__all__ = ["Differentiable", "rule_vjp", "tree_add"]
 
 
 class Differentiable:
@@ -58,10 +58,3 @@ def tree_add(a: Any, b: Any) -> Any:
         return [tree_add(x, y) for x, y in zip(a, b)]
     return a + b
 
-
-def tree_zeros_like(xp, tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: tree_zeros_like(xp, v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [tree_zeros_like(xp, v) for v in tree]
-    return xp.zeros_like(tree)

@@ -7,8 +7,6 @@ each a :class:`Differentiable` function of ``(params, x)`` with the layer's rand
 
 from __future__ import annotations
 
-from typing import Any
-
 from .autodiff import Differentiable, tree_add
 from .config import ReformerConfig
 from .full import full_attention, full_attention_vjp

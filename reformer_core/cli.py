@@ -101,7 +101,7 @@ def collect_info() -> dict:
 
 
 def format_info(info: dict) -> str:
-    from ._bench import short_device
+    from ._bench_report import short_device
 
     lines = [
         f"reformer-core     {info['reformer_core']}",

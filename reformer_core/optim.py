@@ -55,8 +55,7 @@ class Adam:
 
     def init(self, params: Any) -> dict:
         xp = _tree_namespace(params)
-        zeros = tree_map(xp.zeros_like, params)
-        return {"step": 0, "m": zeros, "v": tree_map(xp.zeros_like, params)}
+        return {"step": 0, "m": tree_map(xp.zeros_like, params), "v": tree_map(xp.zeros_like, params)}
 
     def learning_rate_at(self, step: int) -> float:
         rate = self.learning_rate(step) if callable(self.learning_rate) else self.learning_rate

@@ -6,7 +6,7 @@ from typing import Any
 
 from ._arrays import device_of, gather_positions
 
-__all__ = ["sort_by_bucket", "gather_sorted", "unsort"]
+__all__ = ["sort_by_bucket", "unsort"]
 
 
 def sort_by_bucket(xp, buckets: Any):
@@ -27,11 +27,6 @@ def sort_by_bucket(xp, buckets: Any):
     perm = xp.argsort(keys, axis=-1, stable=True)
     undo = xp.argsort(perm, axis=-1, stable=True)
     return xp.astype(perm, xp.int64), xp.astype(undo, xp.int64)
-
-
-def gather_sorted(xp, x: Any, perm: Any, length: int):
-    """``x`` (b, h, length, d) repeated per round and taken in sorted order -> (b, h, n*length, d)."""
-    return gather_positions(xp, x, perm % length)
 
 
 def unsort(xp, sorted_values: Any, undo: Any):

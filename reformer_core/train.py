@@ -107,6 +107,8 @@ class TrainingRecord:
     settings: CopyTaskSettings
     curve: list[dict] = field(default_factory=list)  # {"step", "loss", "accuracy"?, "seconds"}
     final: dict = field(default_factory=dict)
+    params: Any = None  # the trained parameters
+    config: ReformerConfig | None = None
 
 
 def train_copy_task(settings: CopyTaskSettings, backend, *, progress: Callable[[int, float, float], None] | None = None):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._arrays import check_same_device, namespace
+from ._arrays import check_same_device, device_of, namespace
 from .autodiff import Differentiable
 from .blocks import reversible_layers
 from .config import ReformerConfig
@@ -103,7 +103,7 @@ def value_and_grad(
     rotations = resolve_rotations(config, length, rotations_seed, rotations, like=x)
     layers = reversible_layers(xp, params, config, rotations=rotations, attention_mask=attention_mask,
                                dropout_masks=masks)
-    one = xp.ones((), dtype=xp.result_type(x.dtype, xp.float32), device=_device(x))
+    one = xp.ones((), dtype=xp.result_type(x.dtype, xp.float32), device=device_of(x))
     if reversible:
         y1, y2 = reversible_forward(layers, x, x)
         loss, head_pullback = vjp(head_fn, head_params, (y1, y2))
@@ -133,9 +133,3 @@ def _single(result):
     """Adapt a ``(out, pullback -> grads)`` rule of one argument to the tuple convention."""
     out, pullback = result
     return out, lambda d_out: (pullback(d_out),)
-
-
-def _device(x):
-    from ._arrays import device_of
-
-    return device_of(x)
