@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reformer_core.blocks import reversible_layers
+from reformer_core.blocks import reversible_layer
 from reformer_core.config import ReformerConfig
 from reformer_core.model import (
     check_params,
@@ -38,12 +38,17 @@ from reformer_core.model import (
     output_head,
     resolve_rotations,
     sample_dropout_masks,
+    param_shapes,
     sample_rotations,
 )
-from reformer_core.reversible import reversible_backward, reversible_forward
+from reformer_core.reversible import reversible_backward_step, reversible_forward
 
 __all__ = [
     "reversible_stack",
+    "layer_period",
+    "stack_layers",
+    "unstack_layers",
+    "scanned_shapes",
     "apply",
     "loss",
     "loss_and_grad",
@@ -54,17 +59,99 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- the reversible stack
+#
+# The stack runs as a ``lax.scan`` over groups of layers (one group = one period of
+# ``config.attention_layers``: the whole stack when it has no shorter period). Inside a loop
+# XLA allocates one group's temporaries and reuses them every iteration, whatever the depth;
+# an unrolled Python loop leaves the schedule to XLA, which on the CPU hoists per-layer
+# buffers (broadcasts of each layer's parameters, zero buffers of gradient scatters) to the
+# start of the backward and keeps them alive, so memory grew with depth. A scan also compiles
+# in a time independent of the depth.
 
 
-def _layers(config, layer_params, rotations, attention_mask, layer_dropout):
-    masks = None if layer_dropout is None else {"layers": layer_dropout}
-    return reversible_layers(jnp, {"layers": layer_params}, config, rotations=rotations,
-                             attention_mask=attention_mask, dropout_masks=masks)
+def layer_period(config: ReformerConfig) -> int:
+    """The smallest ``p`` with ``attention_layers`` a repetition of its first ``p`` kinds."""
+    kinds = config.attention_layers
+    n = len(kinds)
+    return next(p for p in range(1, n + 1) if n % p == 0 and kinds == kinds[:p] * (n // p))
+
+
+def _stacked(trees: list):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def stack_layers(params: dict, config: ReformerConfig) -> dict:
+    """``params`` with the layers in the scanned layout: ``{"scanned": [group_0, ...]}``.
+
+    ``group_j`` holds layers ``j, j + p, j + 2p, ...`` (``p`` = :func:`layer_period`), each
+    leaf with a new leading axis of length ``num_layers // p``. The jitted step then reads the
+    layers in place instead of stacking a copy of them (and of their gradients) every step;
+    gradients come out in the same layout, so optax updates it directly. Use
+    :func:`unstack_layers` to go back (checkpoints, other backends).
+    """
+    _check_config(config)
+    check_params(params, config)
+    period = layer_period(config)
+    layers = params["layers"]
+    return {**params, "layers": {"scanned": [_stacked(layers[j::period]) for j in range(period)]}}
+
+
+def unstack_layers(params: dict, config: ReformerConfig) -> dict:
+    """Inverse of :func:`stack_layers`: ``params["layers"]`` as the core's list of layers."""
+    _check_config(config)
+    check_params(params, config, shapes=scanned_shapes(config))
+    groups = params["layers"]["scanned"]
+    period = len(groups)
+    layers = [jax.tree.map(lambda leaf, r=i // period: leaf[r], groups[i % period]) for i in range(config.num_layers)]
+    return {**params, "layers": layers}
+
+
+def scanned_shapes(config: ReformerConfig) -> dict:
+    """:func:`reformer_core.model.param_shapes` of the scanned layout of :func:`stack_layers`."""
+    shapes = param_shapes(config)
+    period = layer_period(config)
+    repeats = config.num_layers // period
+    groups = [jax.tree.map(lambda shape: (repeats, *shape), shapes["layers"][j], is_leaf=lambda x: isinstance(x, tuple))
+              for j in range(period)]
+    return {**shapes, "layers": {"scanned": groups}}
+
+
+def _is_scanned(layers: Any) -> bool:
+    return isinstance(layers, dict)
+
+
+def _check_model_params(params: Any, config: ReformerConfig) -> None:
+    scanned = isinstance(params, dict) and _is_scanned(params.get("layers"))
+    check_params(params, config, shapes=scanned_shapes(config) if scanned else None)
+
+
+def _group_inputs(config, layer_params, rotations, layer_dropout):
+    """Per position in the period: stacked parameters, rotations and dropout masks."""
+    period = layer_period(config)
+    if _is_scanned(layer_params):
+        params = list(layer_params["scanned"])
+    else:
+        params = [_stacked(layer_params[j::period]) for j in range(period)]
+    rots = [None if rotations[j] is None else _stacked(rotations[j::period]) for j in range(period)]
+    drops = [None if not layer_dropout else _stacked(layer_dropout[j::period]) for j in range(period)]
+    return params, rots, drops
+
+
+def _group_layers(config, attention_mask, xs):
+    params, rots, drops = xs
+    return [reversible_layer(jnp, params[j], kind, config, rotations=rots[j], attention_mask=attention_mask,
+                             masks=drops[j], name=f"layer {j} (mod {len(params)})")
+            for j, kind in enumerate(config.attention_layers[:len(params)])]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _stack(config, layer_params, x1, x2, rotations, attention_mask, layer_dropout):
-    return reversible_forward(_layers(config, layer_params, rotations, attention_mask, layer_dropout), x1, x2)
+    xs = _group_inputs(config, layer_params, rotations, layer_dropout)
+
+    def body(carry, xs):
+        return reversible_forward(_group_layers(config, attention_mask, xs), *carry), None
+
+    return jax.lax.scan(body, (x1, x2), xs)[0]
 
 
 def _stack_forward(config, layer_params, x1, x2, rotations, attention_mask, layer_dropout):
@@ -76,12 +163,24 @@ def _stack_forward(config, layer_params, x1, x2, rotations, attention_mask, laye
 
 def _stack_backward(config, saved, cotangents):
     layer_params, y1, y2, rotations, attention_mask, layer_dropout = saved
-    d_y1, d_y2 = cotangents
-    layers = _layers(config, layer_params, rotations, attention_mask, layer_dropout)
-    # The core's reversible backward: rebuild each layer's input from its output and pull the
-    # cotangents through one layer at a time with jax.vjp.
-    _, (d_x1, d_x2), grads = reversible_backward(layers, y1, y2, d_y1, d_y2, vjp=jax.vjp)
-    d_params = [{"attention": d_f, "feed_forward": d_g} for d_f, d_g in grads]
+    xs = _group_inputs(config, layer_params, rotations, layer_dropout)
+
+    def body(carry, xs):
+        # The core's reversible backward for one group: rebuild each layer's input from its
+        # output and pull the cotangents through one layer at a time with jax.vjp.
+        y1, y2, d_y1, d_y2 = carry
+        grads = []
+        for layer in reversed(_group_layers(config, attention_mask, xs)):
+            (y1, y2), (d_y1, d_y2), (d_f, d_g) = reversible_backward_step(layer, y1, y2, d_y1, d_y2, vjp=jax.vjp)
+            grads.append({"attention": d_f, "feed_forward": d_g})
+        return (y1, y2, d_y1, d_y2), grads[::-1]
+
+    (_, _, d_x1, d_x2), grads = jax.lax.scan(body, (y1, y2, *cotangents), xs, reverse=True)
+    if _is_scanned(layer_params):
+        d_params = {"scanned": grads}
+    else:
+        period = len(grads)
+        d_params = [jax.tree.map(lambda g, r=i // period: g[r], grads[i % period]) for i in range(config.num_layers)]
     # Rotations, masks and dropout masks get no gradient (zeros; None for the boolean masks).
     d_rotations = jax.tree.map(jnp.zeros_like, rotations)
     return d_params, d_x1, d_x2, d_rotations, None, None
@@ -90,16 +189,29 @@ def _stack_backward(config, saved, cotangents):
 _stack.defvjp(_stack_forward, _stack_backward)
 
 
-def reversible_stack(layer_params: list, x1: Any, x2: Any, config: ReformerConfig, *, rotations: list,
+def _check_layer_params(layer_params: Any, config: ReformerConfig):
+    scanned = _is_scanned(layer_params)
+    if not scanned and (not isinstance(layer_params, (list, tuple)) or len(layer_params) != config.num_layers):
+        raise ValueError(f"layer_params must be params['layers'], a list of {config.num_layers} layers "
+                         f"(or the scanned layout of stack_layers)")
+    shapes = (scanned_shapes if scanned else param_shapes)(config)["layers"]
+    layer_params = layer_params if scanned else list(layer_params)
+    check_params({"layers": layer_params}, config, shapes={"layers": shapes})
+    return layer_params
+
+
+def reversible_stack(layer_params: Any, x1: Any, x2: Any, config: ReformerConfig, *, rotations: list,
                      attention_mask: Any = None, layer_dropout: list | None = None):
     """``(Y1, Y2)`` of the model's reversible layers, differentiable without storing activations.
 
-    A ``jax.custom_vjp``: the forward keeps only its outputs (plus the explicit randomness);
-    the backward rebuilds every layer's input from its output
-    (:func:`reformer_core.reversible.reversible_backward` with ``jax.vjp`` per block).
+    A ``jax.custom_vjp`` around a ``lax.scan`` over the layers: the forward keeps only its
+    outputs (plus the explicit randomness); the backward scans the layers in reverse,
+    rebuilding every layer's input from its output
+    (:func:`reformer_core.reversible.reversible_backward_step` with ``jax.vjp`` per block).
 
     Args:
-        layer_params: ``params["layers"]`` of :func:`reformer_core.init_params`.
+        layer_params: ``params["layers"]`` of :func:`reformer_core.init_params` (a list), or
+            the scanned layout of :func:`stack_layers`; gradients come back in the same layout.
         x1, x2: ``(batch, length, d_model)``; the model uses the embedding for both.
         config: the model's :class:`~reformer_core.ReformerConfig` (static under jit).
         rotations: one entry per layer (None for non-LSH layers), e.g. from
@@ -108,10 +220,9 @@ def reversible_stack(layer_params: list, x1: Any, x2: Any, config: ReformerConfi
         layer_dropout: ``dropout_masks["layers"]`` of :func:`step_randomness`, or None.
     """
     _check_config(config)
-    if not isinstance(layer_params, (list, tuple)) or len(layer_params) != config.num_layers:
-        raise ValueError(f"layer_params must be params['layers'], a list of {config.num_layers} layers")
+    layer_params = _check_layer_params(layer_params, config)
     rotations = resolve_rotations(config, x1.shape[1], None, rotations, like=None)
-    return _stack(config, list(layer_params), x1, x2, list(rotations), attention_mask, layer_dropout)
+    return _stack(config, layer_params, x1, x2, list(rotations), attention_mask, layer_dropout)
 
 
 # ---------------------------------------------------------------- model, loss, gradient
@@ -159,7 +270,7 @@ def apply(params: dict, tokens: Any, config: ReformerConfig, *, rotations: list,
         dropout_masks: the keep masks of :func:`step_randomness`; None for inference.
     """
     _check_config(config)
-    check_params(params, config)
+    _check_model_params(params, config)
     check_tokens(jnp, tokens, config, check_values=False)  # int() of traced values is impossible
     rotations = _check_randomness(config, tokens.shape[1], rotations, dropout_masks)
     masks = dropout_masks

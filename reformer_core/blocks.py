@@ -142,26 +142,36 @@ def _with_dropout(xp, forward, forward_vjp, keep, rate, name):
     return Differentiable(run, rule, name)
 
 
+def reversible_layer(xp, layer_params, kind, config, *, rotations=None, attention_mask=None, masks=None,
+                     name="layer"):
+    """One layer of the stack as a :class:`ReversibleLayer`, its randomness and masks bound in.
+
+    ``layer_params``: one entry of ``params["layers"]``; ``kind``: its attention kind;
+    ``rotations``: its LSH rotations (None for other kinds); ``masks``: its entry of
+    ``dropout_masks["layers"]`` (or None). Backends that loop over layers themselves (JAX's
+    scanned stack) build each layer with this.
+    """
+    masks = masks or {}
+    bound = {"rotations": rotations, "attention_mask": attention_mask, "probs_keep": masks.get("attention_probs")}
+    f = _with_dropout(
+        xp,
+        lambda p, x: attention_block(xp, p, x, kind, config, **bound),
+        lambda p, x: attention_block_vjp(xp, p, x, kind, config, **bound),
+        masks.get("attention"), config.hidden_dropout, f"{name} {kind} attention",
+    )
+    g = _with_dropout(
+        xp,
+        lambda p, x: feed_forward_block(xp, p, x, config),
+        lambda p, x: feed_forward_block_vjp(xp, p, x, config),
+        masks.get("feed_forward"), config.hidden_dropout, f"{name} feed-forward",
+    )
+    return ReversibleLayer(f, g, layer_params["attention"], layer_params["feed_forward"])
+
+
 def reversible_layers(xp, params, config, *, rotations, attention_mask=None, dropout_masks=None):
     """The model's stack as :class:`ReversibleLayer` s, randomness and masks bound in."""
-    layers = []
-    for i, kind in enumerate(config.attention_layers):
-        masks = dropout_masks["layers"][i] if dropout_masks else {}
-        bound = {"rotations": rotations[i], "attention_mask": attention_mask,
-                 "probs_keep": masks.get("attention_probs")}
-        f = _with_dropout(
-            xp,
-            lambda p, x, kind=kind, bound=bound: attention_block(xp, p, x, kind, config, **bound),
-            lambda p, x, kind=kind, bound=bound: attention_block_vjp(xp, p, x, kind, config, **bound),
-            masks.get("attention"), config.hidden_dropout, f"layer {i} {kind} attention",
-        )
-        g = _with_dropout(
-            xp,
-            lambda p, x: feed_forward_block(xp, p, x, config),
-            lambda p, x: feed_forward_block_vjp(xp, p, x, config),
-            masks.get("feed_forward"), config.hidden_dropout, f"layer {i} feed-forward",
-        )
-        layer = params["layers"][i]
-        layers.append(ReversibleLayer(f, g, layer["attention"], layer["feed_forward"]))
-    return layers
-
+    return [
+        reversible_layer(xp, params["layers"][i], kind, config, rotations=rotations[i], attention_mask=attention_mask,
+                         masks=dropout_masks["layers"][i] if dropout_masks else None, name=f"layer {i}")
+        for i, kind in enumerate(config.attention_layers)
+    ]

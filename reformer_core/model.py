@@ -102,8 +102,12 @@ def init_params(config: ReformerConfig, seed: int = 0, *, backend: Any = None, d
     )
 
 
-def check_params(params: Any, config: ReformerConfig) -> None:
-    """Raise when ``params`` does not have the structure and shapes ``config`` implies."""
+def check_params(params: Any, config: ReformerConfig, *, shapes: dict | None = None) -> None:
+    """Raise when ``params`` does not have the structure and shapes ``config`` implies.
+
+    ``shapes``: the expected shape tree, default :func:`param_shapes` ``(config)`` (a backend
+    with another layout of the layers, like JAX's scanned one, passes its own).
+    """
     if not isinstance(params, dict):
         raise TypeError(f"params must be the dict from init_params, got {type(params).__name__}")
 
@@ -115,7 +119,7 @@ def check_params(params: Any, config: ReformerConfig) -> None:
             )
 
     try:
-        tree_map_with_path(check, param_shapes(config), params)
+        tree_map_with_path(check, param_shapes(config) if shapes is None else shapes, params)
     except ValueError as error:
         if "trees differ" in str(error):
             raise ValueError(f"params do not match the config's structure: {error}") from None

@@ -21,6 +21,7 @@ __all__ = [
     "reversible_forward",
     "reversible_inverse",
     "reversible_backward",
+    "reversible_backward_step",
     "stored_backward",
 ]
 
@@ -78,20 +79,28 @@ def reversible_backward(layers: Sequence[ReversibleLayer], y1: Any, y2: Any, d_y
     """
     grads = []
     for layer in reversed(layers):
-        g_out, g_pullback = vjp(layer.g, layer.g_params, y1)
-        d_g_params, d_from_g = g_pullback(d_y2)
-        del g_pullback  # free G's intermediates before F's are made
-        x2 = y2 - g_out
-        d_y1 = d_y1 + d_from_g
-        f_out, f_pullback = vjp(layer.f, layer.f_params, x2)
-        d_f_params, d_from_f = f_pullback(d_y1)
-        del f_pullback
-        x1 = y1 - f_out
-        d_y2 = d_y2 + d_from_f
-        grads.append((d_f_params, d_g_params))
-        y1, y2 = x1, x2
+        (y1, y2), (d_y1, d_y2), layer_grads = reversible_backward_step(layer, y1, y2, d_y1, d_y2, vjp=vjp)
+        grads.append(layer_grads)
     grads.reverse()
     return (y1, y2), (d_y1, d_y2), grads
+
+
+def reversible_backward_step(layer: ReversibleLayer, y1: Any, y2: Any, d_y1: Any, d_y2: Any, *, vjp: Callable):
+    """One layer of :func:`reversible_backward`: ``((x1, x2), (d_x1, d_x2), (d_f_params, d_g_params))``.
+
+    The loop body on its own, for backends that run the loop themselves (a ``lax.scan``).
+    """
+    g_out, g_pullback = vjp(layer.g, layer.g_params, y1)
+    d_g_params, d_from_g = g_pullback(d_y2)
+    del g_pullback  # free G's intermediates before F's are made
+    x2 = y2 - g_out
+    d_y1 = d_y1 + d_from_g
+    f_out, f_pullback = vjp(layer.f, layer.f_params, x2)
+    d_f_params, d_from_f = f_pullback(d_y1)
+    del f_pullback
+    x1 = y1 - f_out
+    d_y2 = d_y2 + d_from_f
+    return (x1, x2), (d_y1, d_y2), (d_f_params, d_g_params)
 
 
 def stored_backward(layers: Sequence[ReversibleLayer], x1: Any, x2: Any, d_y1_fn: Callable, *, vjp: Callable):
