@@ -113,21 +113,12 @@ class TorchBackend(Backend):
         """
         import torch
 
+        # No recursive closures here: a function that refers to itself is a reference cycle,
+        # and a cycle holding the inputs or the graph keeps a layer's memory alive until the
+        # garbage collector happens to run (the reversible backward then grew with depth).
         leaves: list = []
-
-        def detach(tree):
-            if isinstance(tree, dict):
-                return {k: detach(v) for k, v in tree.items()}
-            if isinstance(tree, (list, tuple)):
-                return type(tree)(detach(v) for v in tree)
-            if isinstance(tree, torch.Tensor) and tree.is_floating_point():
-                leaf = tree.detach().requires_grad_(True)
-                leaves.append(leaf)
-                return leaf
-            return tree
-
         with torch.enable_grad():
-            inputs = detach(primals)
+            inputs = _map_tree(lambda leaf: _track(leaf, leaves), primals)
             out = fn(*inputs)
         out_leaves = _tensor_leaves(out)
 
@@ -141,18 +132,8 @@ class TorchBackend(Backend):
                 with torch.enable_grad():
                     grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs],
                                                 allow_unused=True)
-            filled = iter([torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)])
-
-            def rebuild(tree):
-                if isinstance(tree, dict):
-                    return {k: rebuild(v) for k, v in tree.items()}
-                if isinstance(tree, (list, tuple)):
-                    return type(tree)(rebuild(v) for v in tree)
-                if isinstance(tree, torch.Tensor) and tree.requires_grad:
-                    return next(filled)
-                return None
-
-            return tuple(rebuild(p) for p in inputs)
+            by_leaf = {id(leaf): torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)}
+            return tuple(_map_tree(lambda leaf: by_leaf.get(id(leaf)), inputs))
 
         return _detach_tree(out), pullback
 
@@ -168,6 +149,25 @@ def _tensor_leaves(tree) -> list:
     if isinstance(tree, (list, tuple)):
         return [leaf for v in tree for leaf in _tensor_leaves(v)]
     return [] if tree is None else [tree]
+
+
+def _map_tree(fn, tree):
+    """``fn`` applied to every non-container leaf of nested dicts, lists and tuples."""
+    if isinstance(tree, dict):
+        return {k: _map_tree(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tree(fn, v) for v in tree)
+    return fn(tree)
+
+
+def _track(leaf, leaves: list):
+    """A floating tensor becomes a fresh leaf requiring grad (appended to ``leaves``); others stay."""
+    import torch
+
+    if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+        leaf = leaf.detach().requires_grad_(True)
+        leaves.append(leaf)
+    return leaf
 
 
 def _detach_tree(tree):

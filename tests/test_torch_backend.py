@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -65,6 +66,26 @@ def test_adapter_rejects_bad_input(backend):
         backend.to_numpy(np.zeros(2))
     with pytest.raises(ValueError, match="unknown dtype"):
         backend.from_numpy(np.zeros(2), dtype="float8")
+
+
+def test_vjp_leaves_no_reference_cycles(backend):
+    """Inputs and graph are freed by reference counting alone. A cycle (a recursive closure in
+    vjp) kept every layer's recompute alive in the reversible backward until the garbage
+    collector ran: at L=4K the step's memory grew 42% from 2 to 12 layers."""
+    x = torch.randn(8, 8)
+
+    def run():
+        out, pullback = backend.vjp(lambda p, y: {"a": (p["w"] * y).sum(), "b": None}, {"w": x, "n": 3}, x)
+        pullback({"a": torch.ones(()), "b": None})
+
+    run()
+    gc.collect()
+    gc.disable()
+    try:
+        run()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_vjp_pytrees_unused_leaves_and_no_grad(backend):
