@@ -1,16 +1,23 @@
-"""PyTorch benchmarks for issue 5: LSH attention against torch SDPA, and the training-step
-memory of ReformerLM against depth.
+"""PyTorch benchmarks for issue 5: LSH attention against torch SDPA and HF transformers'
+LSHSelfAttention, and the training-step memory of ReformerLM against depth.
 
     python bench/torch_attention.py --device cuda --json torch_bench.json
     python bench/torch_attention.py --quick            # CPU-sized: 1K-2K tokens, 1-2 hashes
+    python bench/torch_attention.py --lengths 16384 --hashes 2 --depths ''   # the HF target
 
-Attention: shared-QK LSH (chunk 64, causal, 4 heads, head width 64 = d_model 256) forward
-and forward+backward time (median of ``--repeats``), and peak memory on CUDA
-(``torch.cuda.max_memory_allocated`` above what the inputs hold), against
-``scaled_dot_product_attention`` (full causal attention) on the same inputs. When
-``transformers`` is installed, HF's ``LSHSelfAttention`` (its own projections included) is
-timed beside them. Depth: one ``ReformerLM`` training step (forward, backward) at length
-``--model-length`` for 2, 4, 8, 12 layers; on CUDA the peak memory above the parameters.
+Attention (chunk 64, causal, 4 heads of width 64 = d_model 256), forward and
+forward+backward time (median of ``--repeats``) and the forward+backward's peak memory
+(CUDA allocator peak, or on the CPU sampled resident memory) of:
+
+* ``lsh``: the core's shared-QK LSH attention on given query/key and value heads;
+* ``lsh_block``: the same plus its input projections from ``hidden`` (one bias-free
+  ``Linear`` to shared-QK and values), the work HF's layer does, so the fair peer;
+* ``sdpa``: ``scaled_dot_product_attention`` (full causal attention) on the same heads;
+* ``hf_lsh``: HF's ``LSHSelfAttention`` with the same buckets, chunks and hashes, when
+  ``transformers`` is installed.
+
+Depth: one ``ReformerLM`` training step at ``--model-length`` for 2, 4, 8, 12 layers
+(:mod:`reformer_core._depth_memory`, as ``reformer-core bench --memory --backends torch``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import numpy as np
 import torch
 
 import reformer_core as rc
-from reformer_core.backends.torch_nn import ReformerLM
+from reformer_core._bench import _rss_peak
+from reformer_core._depth_memory import _fixed_malloc
 
 
 def _timed(fn, device, repeats):
@@ -42,8 +50,10 @@ def _timed(fn, device, repeats):
 
 
 def _peak(fn, device):
+    """Peak bytes above what was allocated before: the CUDA allocator's peak, or on the CPU the
+    sampled resident memory (glibc set to unmap large blocks on free, so RSS follows tensors)."""
     if device.type != "cuda":
-        return None  # torch does not track CPU allocations
+        return _rss_peak(fn, lambda: None)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -52,40 +62,64 @@ def _peak(fn, device):
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chunk=64, repeats=3):
+def _row(fn, device, repeats):
+    def forward():
+        with torch.no_grad():
+            fn()
+
+    def both():
+        fn()[0].sum().backward()
+
+    return {"forward_s": _timed(forward, device, repeats), "forward_backward_s": _timed(both, device, repeats),
+            "forward_backward_peak_bytes": _peak(both, device)}
+
+
+def _bucket_list(length, chunk):
+    buckets = rc.default_num_buckets(length, chunk)
+    return buckets if isinstance(buckets, int) else list(buckets)
+
+
+def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chunk=64, repeats=3, with_sdpa=True):
+    """Rows for one (length, hashes): the core's LSH attention on given shared-QK and value
+    heads (``lsh``), the same with its input projections from ``hidden`` (``lsh_block``, the
+    work HF's ``LSHSelfAttention`` does), SDPA full attention on the heads (``sdpa``), and
+    HF's layer (``hf_lsh``) when transformers is installed."""
     rng = np.random.default_rng(0)
+    width = heads * head_dim
     qk = torch.from_numpy(rng.standard_normal((1, heads, length, head_dim))).to(device, dtype).requires_grad_(True)
     v = torch.from_numpy(rng.standard_normal((1, heads, length, head_dim))).to(device, dtype).requires_grad_(True)
+    hidden = torch.from_numpy(rng.standard_normal((1, length, width))).to(device, dtype).requires_grad_(True)
+    projections = torch.nn.Linear(width, 2 * width, bias=False).to(device, dtype)
     buckets = rc.default_num_buckets(length, chunk)
     rotations = rc.random_rotations(0, heads, head_dim, num_hashes, buckets, like=qk.detach())
+    lsh_args = {"num_buckets": buckets, "chunk_length": chunk, "causal": True}
 
     def lsh():
-        return rc.lsh_attention(qk, v, rotations, num_buckets=buckets, chunk_length=chunk, causal=True)
+        return (rc.lsh_attention(qk, v, rotations, **lsh_args),)
+
+    def lsh_block():
+        both = projections(hidden).view(1, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = rc.lsh_attention(both[0], both[1], rotations, **lsh_args)
+        return (out.transpose(1, 2).reshape(1, length, width),)
 
     def sdpa():
-        return torch.nn.functional.scaled_dot_product_attention(qk, qk, v, is_causal=True)
+        return (torch.nn.functional.scaled_dot_product_attention(qk, qk, v, is_causal=True),)
 
+    cases = {"lsh": lsh, "lsh_block": lsh_block}
+    if with_sdpa:
+        cases["sdpa"] = sdpa  # independent of the hash count: measured once per length
+    hf = _hf_layer(length, num_hashes, device, dtype, heads, head_dim, chunk)
+    if hf is not None:
+        cases["hf_lsh"] = lambda: hf(hidden)
     rows = {}
-    for name, fn in (("lsh", lsh), ("sdpa", sdpa)):
-        if name == "sdpa" and num_hashes != 1:
-            continue  # independent of the hash count: measured once per length
-        def forward(fn=fn):
-            with torch.no_grad():
-                fn()
-
-        def both(fn=fn):
-            fn().sum().backward()
-            qk.grad = v.grad = None
-
-        rows[name] = {"forward_s": _timed(forward, device, repeats), "forward_backward_s": _timed(both, device, repeats),
-                      "forward_backward_peak_bytes": _peak(both, device)}
-    hf = _hf_case(length, num_hashes, device, dtype, heads, head_dim, chunk, repeats)
-    if hf:
-        rows["hf_lsh"] = hf
+    for name, fn in cases.items():
+        rows[name] = _row(fn, device, repeats)
+        for tensor in (qk, v, hidden, *projections.parameters(), *(hf.parameters() if hf else ())):
+            tensor.grad = None
     return rows
 
 
-def _hf_case(length, num_hashes, device, dtype, heads, head_dim, chunk, repeats):
+def _hf_layer(length, num_hashes, device, dtype, heads, head_dim, chunk):
     try:
         from transformers import ReformerConfig
         from transformers.models.reformer.modeling_reformer import LSHSelfAttention
@@ -93,42 +127,9 @@ def _hf_case(length, num_hashes, device, dtype, heads, head_dim, chunk, repeats)
         return None
     config = ReformerConfig(hidden_size=heads * head_dim, num_attention_heads=heads, attention_head_size=head_dim,
                             num_hashes=num_hashes, lsh_attn_chunk_length=chunk, is_decoder=True,
-                            num_buckets=rc.default_num_buckets(length, chunk), lsh_num_chunks_before=1,
-                            lsh_num_chunks_after=0)
-    layer = LSHSelfAttention(config).to(device, dtype)
-    hidden = torch.randn(1, length, heads * head_dim, device=device, dtype=dtype, requires_grad=True)
-
-    def forward():
-        with torch.no_grad():
-            layer(hidden)
-
-    def both():
-        layer(hidden)[0].sum().backward()
-        hidden.grad = None
-        layer.zero_grad(set_to_none=True)
-
-    return {"forward_s": _timed(forward, device, repeats), "forward_backward_s": _timed(both, device, repeats),
-            "forward_backward_peak_bytes": _peak(both, device)}
-
-
-def depth_case(depth, length, device, dtype, repeats=2):
-    size = int(np.ceil(np.sqrt(length)))
-    config = rc.ReformerConfig(vocab_size=256, d_model=256, num_heads=4, head_dim=64, d_ff=1024,
-                               attention_layers=("lsh",) * depth, num_hashes=2, lsh_chunk_length=64,
-                               axial_pos_shape=(size, size), causal=True,
-                               ff_chunk_length=512)
-    model = ReformerLM(config, seed=0, dtype=dtype, device=device)
-    tokens = torch.randint(0, 256, (1, length), device=device)
-
-    def step():
-        model(tokens).float().logsumexp(-1).mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = _peak(step, device)
-    return {"layers": depth, "length": length, "step_s": _timed(step, device, repeats),
-            "peak_above_params_bytes": None if peak is None else peak - parameter_bytes,
-            "parameter_bytes": parameter_bytes}
+                            num_buckets=_bucket_list(length, chunk), lsh_num_chunks_before=1,
+                            lsh_num_chunks_after=0, lsh_attention_probs_dropout_prob=0.0)
+    return LSHSelfAttention(config).to(device, dtype)
 
 
 def main(argv=None):
@@ -137,7 +138,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--hashes", default="1,2,4,8")
-    parser.add_argument("--depths", default="2,4,8,12")
+    parser.add_argument("--depths", default="2,4,8,12", help="training-step memory against depth ('' to skip)")
     parser.add_argument("--model-length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1K-2K tokens, 1-2 hashes, model length 1K")
@@ -146,28 +147,38 @@ def main(argv=None):
     if args.quick:
         args.lengths, args.hashes, args.model_length, args.repeats = "1024,2048", "1,2", 1024, 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        _fixed_malloc()
     report = {"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "attention": [], "depth": []}
-    print(f"{'L':>6} {'hashes':>6} {'impl':>7} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}")
+    print(f"{'L':>6} {'hashes':>6} {'impl':>9} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}")
+    hash_list = [int(h) for h in args.hashes.split(",")]
     for length in map(int, args.lengths.split(",")):
-        for hashes in map(int, args.hashes.split(",")):
-            rows = attention_cases(length, hashes, device, dtype, repeats=args.repeats)
+        for hashes in hash_list:
+            rows = attention_cases(length, hashes, device, dtype, repeats=args.repeats, with_sdpa=hashes == hash_list[0])
             for impl, row in rows.items():
                 report["attention"].append({"length": length, "num_hashes": hashes, "impl": impl, **row})
                 peak = row["forward_backward_peak_bytes"]
-                print(f"{length:>6} {hashes:>6} {impl:>7} {row['forward_s'] * 1e3:>9.1f} "
-                      f"{row['forward_backward_s'] * 1e3:>11.1f} {'-' if peak is None else f'{peak / 2**20:.1f}':>9}")
+                print(f"{length:>6} {hashes:>6} {impl:>9} {row['forward_s'] * 1e3:>9.1f} "
+                      f"{row['forward_backward_s'] * 1e3:>11.1f} {'-' if peak is None else f'{peak / 2**20:.1f}':>9}",
+                      flush=True)
+            if "hf_lsh" in rows:
+                hf, ours = rows["hf_lsh"], rows["lsh_block"]
+                memory = ("" if not (hf["forward_backward_peak_bytes"] and ours["forward_backward_peak_bytes"]) else
+                          f", peak memory {ours['forward_backward_peak_bytes'] / hf['forward_backward_peak_bytes']:.2f}x HF's")
+                print(f"    HF LSHSelfAttention / ours, fwd+bwd: {hf['forward_backward_s'] / ours['forward_backward_s']:.2f}x "
+                      f"slower{memory}", flush=True)
     sdpa = {r["length"]: r["forward_backward_s"] for r in report["attention"] if r["impl"] == "sdpa"}
-    for hashes in map(int, args.hashes.split(",")):
+    for hashes in hash_list:
         wins = sorted(r["length"] for r in report["attention"] if r["impl"] == "lsh" and r["num_hashes"] == hashes
                       and r["forward_backward_s"] < sdpa[r["length"]])
         report.setdefault("crossover", {})[hashes] = wins[0] if wins else None
         print(f"crossover (LSH fwd+bwd faster than SDPA), {hashes} hashes: {wins[0] if wins else 'not reached'}")
-    for depth in map(int, args.depths.split(",")):
-        row = depth_case(depth, args.model_length, device, dtype)
-        report["depth"].append(row)
-        peak = row["peak_above_params_bytes"]
-        print(f"depth {depth:>2} L={row['length']}: step {row['step_s'] * 1e3:.0f} ms, "
-              f"peak above params {'-' if peak is None else f'{peak / 2**20:.1f} MiB'}")
+    if args.depths:
+        from reformer_core._depth_memory import backend_memory_vs_depth, format_depth_rows
+
+        depths = tuple(int(d) for d in args.depths.split(","))
+        report["depth"] = backend_memory_vs_depth(f"torch:{device}", depths, length=args.model_length)
+        print(format_depth_rows(report["depth"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=1)

@@ -115,28 +115,28 @@ def feed_forward_backward_memory(config: ReformerConfig, *, batch: int, length: 
             "boundary_bytes": boundary, "intermediate_bytes": int(peak - boundary)}
 
 
-def memory_report(*, quick: bool = False, depths=(2, 4, 8, 12), lengths=None) -> dict:
-    """The ``bench --memory`` measurements: training-step memory against depth (reversible and
-    storing every activation) and feed-forward backward memory against length (chunked or not)."""
+def memory_report(*, quick: bool = False, backends=("numpy",), depths=(2, 4, 8, 12), length: int | None = None,
+                  lengths=None) -> dict:
+    """The ``bench --memory`` measurements: training-step memory against depth on each backend
+    (reversible and storing every activation, :mod:`reformer_core._depth_memory`) and NumPy's
+    feed-forward backward memory against length (chunked or not)."""
     import platform
 
-    length = 512 if quick else 2048
-    config = ReformerConfig(
-        vocab_size=256, d_model=64, num_heads=2, head_dim=32, d_ff=256, attention_layers=("lsh", "local"),
-        num_hashes=2, lsh_chunk_length=64, local_chunk_length=64, ff_chunk_length=128,
-        axial_pos_shape=(64, 64),
-    )
+    from ._depth_memory import backend_memory_vs_depth, depth_memory_config
+
+    length = length or (1024 if quick else 4096)
     depth_rows = []
-    for reversible in (True, False):
-        depth_rows += memory_vs_depth(config, depths, batch=2, length=length, reversible=reversible)
+    for spec in backends:
+        depth_rows += backend_memory_vs_depth(spec, depths, length=length, quick=quick)
     ff_config = ReformerConfig(vocab_size=16, d_model=32, num_heads=2, head_dim=16, d_ff=1024,
                                attention_layers=("local",), axial_pos_shape=(64, 64))
     lengths = lengths or ((256, 1024) if quick else (256, 1024, 4096))
     ff_rows = [feed_forward_backward_memory(ff_config.replace(ff_chunk_length=chunk), batch=2, length=n)
                for chunk in (64, None) for n in lengths]
     return {
-        "schema": "reformer-core-bench-memory/1",
-        "settings": {"depth_config": config.to_dict(), "batch": 2, "length": length,
+        "schema": "reformer-core-bench-memory/2",
+        "settings": {"depth_config": depth_memory_config(depths[0], quick=quick).to_dict(), "batch": 1,
+                     "length": length, "depths": list(depths), "backends": list(backends),
                      "ff_config": ff_config.to_dict()},
         "hardware": {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__},
         "depth": depth_rows,
@@ -145,23 +145,12 @@ def memory_report(*, quick: bool = False, depths=(2, 4, 8, 12), lengths=None) ->
 
 
 def format_memory_report(report: dict) -> str:
+    from ._depth_memory import format_depth_rows
+
     mib = 2.0**20
-    lines = [
-        f"training-step memory on NumPy (tracemalloc), batch {report['settings']['batch']}, "
-        f"length {report['settings']['length']}; activations = peak - gradients (parameters are made before tracing)",
-        f"{'layers':>6}  {'reversible':>22}  {'storing activations':>22}",
-    ]
-    by_key = {(row["reversible"], row["layers"]): row for row in report["depth"]}
-    depths = sorted({row["layers"] for row in report["depth"]})
-    base = {rev: by_key[(rev, depths[0])]["activation_bytes"] for rev in (True, False)}
-    for depth in depths:
-        cells = []
-        for rev in (True, False):
-            act = by_key[(rev, depth)]["activation_bytes"]
-            cells.append(f"{act / mib:8.1f} MiB ({act / base[rev]:4.2f}x)")
-        lines.append(f"{depth:>6}  {cells[0]:>22}  {cells[1]:>22}")
-    lines += ["", "feed-forward block forward+backward: intermediates beyond inputs/outputs (d_ff 1024)",
-              f"{'length':>6}  {'ff_chunk_length=64':>22}  {'unchunked':>22}"]
+    lines = [format_depth_rows(report["depth"]),
+             "feed-forward block forward+backward on NumPy: intermediates beyond inputs/outputs (d_ff 1024)",
+             f"{'length':>6}  {'ff_chunk_length=64':>22}  {'unchunked':>22}"]
     ff = {(row["ff_chunk_length"], row["length"]): row for row in report["feed_forward"]}
     lengths = sorted({row["length"] for row in report["feed_forward"]})
     for n in lengths:

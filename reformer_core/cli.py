@@ -170,9 +170,21 @@ def _write_json(path: str, report: dict) -> None:
 
 
 def _cmd_bench_memory(args: argparse.Namespace) -> int:
+    from ._bench import resolve_backends
     from ._memory import format_memory_report, memory_report
 
-    report = memory_report(quick=args.quick)
+    try:
+        backends = resolve_backends(args.backends)
+        unsupported = [spec for spec in backends if spec.split(":")[0] not in ("numpy", "torch", "jax")]
+        if unsupported:
+            raise ValueError(f"--memory measures numpy, torch and jax; leave out {', '.join(unsupported)}")
+        if args.lengths and len(args.lengths) != 1:
+            raise ValueError("--memory takes one length (--lengths 4096)")
+    except ValueError as error:
+        print(f"reformer-core bench: error: {error}", file=sys.stderr)
+        return 2
+    report = memory_report(quick=args.quick, backends=backends, length=args.lengths[0] if args.lengths else None,
+                           depths=args.depths)
     print(format_memory_report(report))
     if args.json:
         _write_json(args.json, report)
@@ -323,9 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of inputs and rotations")
     bench.add_argument("--json", metavar="PATH", help="write the results, settings, versions and hardware as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    bench.add_argument("--depths", type=_int_list, default=(2, 4, 8, 12), metavar="LIST",
+                       help="with --memory: the stack depths to measure (default 2,4,8,12)")
     bench.add_argument("--memory", action="store_true",
-                       help="instead: training-step memory against depth (reversible vs storing activations) and "
-                            "feed-forward backward memory against length, on NumPy")
+                       help="instead: training-step memory against depth (2-12 layers, reversible vs storing "
+                            "activations; L=4096, d_model 256, --quick: L=1024, d_model 64) on each of --backends, and "
+                            "NumPy's feed-forward backward memory against length")
 
     check = commands.add_parser(
         "check",
