@@ -82,8 +82,10 @@ class Backend:
         """Copy an array of this backend to a host NumPy array."""
         raise NotImplementedError
 
-    def synchronize(self) -> None:
-        """Wait for queued device work (no-op on synchronous frameworks)."""
+    def synchronize(self, *arrays) -> None:
+        """Wait for queued device work, or at least until ``arrays`` (pytrees of the call's
+        results) are computed (no-op on synchronous frameworks). Timings must call it with the
+        result: an asynchronous framework (JAX) would otherwise time only the dispatch."""
 
     # ---- differentiation ----
     def vjp(self, fn: Callable, *primals: Any):
@@ -102,6 +104,18 @@ class Backend:
         ``fn`` must be a pure function of arrays and pytrees (dicts, lists, tuples) of arrays.
         """
         raise NotImplementedError(f"backend {self.name!r} cannot compile functions (no 'jit' capability)")
+
+    #: Whether ``jit`` can compile a function that calls ``vjp`` (JAX: yes). When False
+    #: (torch.compile cannot trace ``torch.autograd.grad``), compile the forward and let the
+    #: framework differentiate the compiled function.
+    jit_traces_vjp = True
+
+    def native_full_attention(self, q: Any, k: Any, v: Any, *, causal: bool) -> Any:
+        """The framework's own fused full attention on ``(batch, heads, length, head_dim)``
+        (scale ``1/sqrt(head_dim)``): a speed baseline for the benchmarks, not the core's
+        semantics (no shared-QK key normalisation, no self mask). Only where
+        ``"native-attention"`` is in ``capabilities``."""
+        raise NotImplementedError(f"backend {self.name!r} has no native attention kernel")
 
     # ---- misc ----
     def version(self) -> str:

@@ -58,7 +58,7 @@ class CupyBackend(Backend):
     def to_numpy(self, array):
         return self._cupy.asnumpy(array)
 
-    def synchronize(self) -> None:
+    def synchronize(self, *arrays) -> None:
         self.device.synchronize()
 
     def peak_device_memory(self, fn) -> int:

@@ -39,7 +39,7 @@ class JaxBackend(Backend):
     def capabilities(self) -> frozenset:  # float64 follows JAX's x64 switch, read at every call
         import jax
 
-        flags = {"autodiff", "bfloat16", "jit"}
+        flags = {"autodiff", "bfloat16", "jit", "native-attention"}
         if jax.config.jax_enable_x64:
             flags.add("float64")
         if self.device.platform != "cpu":
@@ -161,6 +161,16 @@ class JaxBackend(Backend):
         import jax
 
         return jax.jit(fn)
+
+    def native_full_attention(self, q, k, v, *, causal):
+        """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs that have it)."""
+        import jax
+        import jax.numpy as jnp
+
+        def heads_last(x):  # (batch, heads, length, dim) <-> (batch, length, heads, dim)
+            return jnp.swapaxes(x, 1, 2)
+
+        return heads_last(jax.nn.dot_product_attention(heads_last(q), heads_last(k), heads_last(v), is_causal=causal))
 
     def version(self) -> str:
         import jax

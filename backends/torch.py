@@ -22,7 +22,7 @@ class TorchBackend(Backend):
     def __init__(self, device=None) -> None:
         super().__init__(device)
         # float64 everywhere except Apple's mps, which has no double precision.
-        caps = {"bfloat16", "autodiff"}
+        caps = {"bfloat16", "autodiff", "jit", "native-attention"}
         if self.device.type != "mps":
             caps.add("float64")
         if self.device.type in ("cuda", "mps"):
@@ -80,7 +80,7 @@ class TorchBackend(Backend):
             array = array.to(torch.float32)
         return array.cpu().numpy()
 
-    def synchronize(self) -> None:
+    def synchronize(self, *arrays) -> None:
         import torch
 
         if self.device.type == "cuda":
@@ -136,6 +136,36 @@ class TorchBackend(Backend):
             return tuple(_map_tree(lambda leaf: by_leaf.get(id(leaf)), inputs))
 
         return _detach_tree(out), pullback
+
+    jit_traces_vjp = False  # torch.compile cannot trace torch.autograd.grad
+
+    def jit(self, fn):
+        """``torch.compile(fn)``: Inductor fuses the core's elementwise work (masks, softmax,
+        the round combination) into a few kernels. The first call per input shape compiles
+        (tens of seconds on a CPU); autograd differentiates the compiled function."""
+        import functools
+        import warnings
+
+        import torch
+
+        compiled = torch.compile(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with warnings.catch_warnings():
+                # array_api_compat's namespace helpers are lru_cached; Dynamo traces through them
+                # (correct for our pure lookups) and warns once per helper.
+                warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+                return compiled(*args, **kwargs)
+
+        return run
+
+    def native_full_attention(self, q, k, v, *, causal):
+        """``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+        kernels where the device has them)."""
+        import torch
+
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def version(self) -> str:
         import torch

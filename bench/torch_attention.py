@@ -14,7 +14,9 @@ forward+backward time (median of ``--repeats``) and the forward+backward's peak 
   ``Linear`` to shared-QK and values), the work HF's layer does, so the fair peer;
 * ``sdpa``: ``scaled_dot_product_attention`` (full causal attention) on the same heads;
 * ``hf_lsh``: HF's ``LSHSelfAttention`` with the same buckets, chunks and hashes, when
-  ``transformers`` is installed.
+  ``transformers`` is installed;
+* with ``--compile``: ``lsh_jit`` and ``lsh_block_jit``, the first two through
+  ``torch.compile`` (the torch backend's ``jit``; the first call per shape compiles).
 
 Depth: one ``ReformerLM`` training step at ``--model-length`` for 2, 4, 8, 12 layers
 (:mod:`reformer_core._depth_memory`, as ``reformer-core bench --memory --backends torch``).
@@ -31,8 +33,7 @@ import numpy as np
 import torch
 
 import reformer_core as rc
-from reformer_core._bench import _rss_peak
-from reformer_core._depth_memory import _fixed_malloc
+from reformer_core._host_memory import rss_peak, unmap_large_blocks
 
 
 def _timed(fn, device, repeats):
@@ -53,7 +54,7 @@ def _peak(fn, device):
     """Peak bytes above what was allocated before: the CUDA allocator's peak, or on the CPU the
     sampled resident memory (glibc set to unmap large blocks on free, so RSS follows tensors)."""
     if device.type != "cuda":
-        return _rss_peak(fn, lambda: None)
+        return rss_peak(fn, lambda *arrays: None)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -79,7 +80,8 @@ def _bucket_list(length, chunk):
     return buckets if isinstance(buckets, int) else list(buckets)
 
 
-def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chunk=64, repeats=3, with_sdpa=True):
+def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chunk=64, repeats=3, with_sdpa=True,
+                    compiled=False):
     """Rows for one (length, hashes): the core's LSH attention on given shared-QK and value
     heads (``lsh``), the same with its input projections from ``hidden`` (``lsh_block``, the
     work HF's ``LSHSelfAttention`` does), SDPA full attention on the heads (``sdpa``), and
@@ -106,6 +108,11 @@ def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chu
         return (torch.nn.functional.scaled_dot_product_attention(qk, qk, v, is_causal=True),)
 
     cases = {"lsh": lsh, "lsh_block": lsh_block}
+    if compiled:  # the torch+jit fast path: the same functions through torch.compile
+        from reformer_core.backend import resolve_backend
+
+        jit = resolve_backend(f"torch:{device}").jit
+        cases.update({"lsh_jit": jit(lsh), "lsh_block_jit": jit(lsh_block)})
     if with_sdpa:
         cases["sdpa"] = sdpa  # independent of the hash count: measured once per length
     hf = _hf_layer(length, num_hashes, device, dtype, heads, head_dim, chunk)
@@ -141,6 +148,7 @@ def main(argv=None):
     parser.add_argument("--depths", default="2,4,8,12", help="training-step memory against depth ('' to skip)")
     parser.add_argument("--model-length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd functions (torch+jit)")
     parser.add_argument("--quick", action="store_true", help="1K-2K tokens, 1-2 hashes, model length 1K")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -148,31 +156,36 @@ def main(argv=None):
         args.lengths, args.hashes, args.model_length, args.repeats = "1024,2048", "1,2", 1024, 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu":
-        _fixed_malloc()
+        unmap_large_blocks()
     report = {"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "attention": [], "depth": []}
-    print(f"{'L':>6} {'hashes':>6} {'impl':>9} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}")
+    print(f"{'L':>6} {'hashes':>6} {'impl':>13} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}")
     hash_list = [int(h) for h in args.hashes.split(",")]
     for length in map(int, args.lengths.split(",")):
         for hashes in hash_list:
-            rows = attention_cases(length, hashes, device, dtype, repeats=args.repeats, with_sdpa=hashes == hash_list[0])
+            rows = attention_cases(length, hashes, device, dtype, repeats=args.repeats, with_sdpa=hashes == hash_list[0],
+                                   compiled=args.compile)
             for impl, row in rows.items():
                 report["attention"].append({"length": length, "num_hashes": hashes, "impl": impl, **row})
                 peak = row["forward_backward_peak_bytes"]
-                print(f"{length:>6} {hashes:>6} {impl:>9} {row['forward_s'] * 1e3:>9.1f} "
+                print(f"{length:>6} {hashes:>6} {impl:>13} {row['forward_s'] * 1e3:>9.1f} "
                       f"{row['forward_backward_s'] * 1e3:>11.1f} {'-' if peak is None else f'{peak / 2**20:.1f}':>9}",
                       flush=True)
-            if "hf_lsh" in rows:
-                hf, ours = rows["hf_lsh"], rows["lsh_block"]
+            for ours_name in ("lsh_block", "lsh_block_jit"):
+                if "hf_lsh" not in rows or ours_name not in rows:
+                    continue
+                hf, ours = rows["hf_lsh"], rows[ours_name]
                 memory = ("" if not (hf["forward_backward_peak_bytes"] and ours["forward_backward_peak_bytes"]) else
                           f", peak memory {ours['forward_backward_peak_bytes'] / hf['forward_backward_peak_bytes']:.2f}x HF's")
-                print(f"    HF LSHSelfAttention / ours, fwd+bwd: {hf['forward_backward_s'] / ours['forward_backward_s']:.2f}x "
-                      f"slower{memory}", flush=True)
+                print(f"    {ours_name}: HF's LSHSelfAttention fwd+bwd takes {hf['forward_backward_s'] / ours['forward_backward_s']:.2f}x "
+                      f"as long{memory}", flush=True)
     sdpa = {r["length"]: r["forward_backward_s"] for r in report["attention"] if r["impl"] == "sdpa"}
     for hashes in hash_list:
-        wins = sorted(r["length"] for r in report["attention"] if r["impl"] == "lsh" and r["num_hashes"] == hashes
-                      and r["forward_backward_s"] < sdpa[r["length"]])
-        report.setdefault("crossover", {})[hashes] = wins[0] if wins else None
-        print(f"crossover (LSH fwd+bwd faster than SDPA), {hashes} hashes: {wins[0] if wins else 'not reached'}")
+        for impl in ("lsh", "lsh_jit"):
+            wins = sorted(r["length"] for r in report["attention"] if r["impl"] == impl and r["num_hashes"] == hashes
+                          and r["forward_backward_s"] < sdpa[r["length"]])
+            if any(r["impl"] == impl for r in report["attention"]):
+                report.setdefault("crossover", {})[f"{impl}-{hashes}"] = wins[0] if wins else None
+                print(f"crossover ({impl} fwd+bwd faster than SDPA), {hashes} hashes: {wins[0] if wins else 'not reached'}")
     if args.depths:
         from reformer_core._depth_memory import backend_memory_vs_depth, format_depth_rows
 

@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -34,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._host_memory import rss_peak
 from ._memory import traced_peak
 from ._bench_report import format_report  # re-exported for callers of run_benchmark
 from .autodiff import Differentiable
@@ -148,6 +148,7 @@ class BenchSettings:
             methods.append(Method("local", "local"))
         if self.include_full:
             methods.append(Method("full", "full"))
+            methods.append(Method("native-full", "native"))
         if self.include_train:
             methods.append(Method("train", "train"))
         return methods
@@ -155,16 +156,46 @@ class BenchSettings:
 
 @dataclass(frozen=True)
 class Method:
-    name: str  # "lsh-4", "local", "full", "train"
-    kind: str  # "lsh", "local", "full" or "train"
+    name: str  # "lsh-4", "local", "full", "native-full", "train"
+    kind: str  # "lsh", "local", "full", "native" (the framework's fused kernel) or "train"
     num_hashes: int | None = None
 
     @property
     def title(self) -> str:
-        return {"lsh": f"lsh x{self.num_hashes}", "train": "train step"}.get(self.kind, self.kind)
+        return {"lsh": f"lsh x{self.num_hashes}", "train": "train step",
+                "native": "full (native kernel)"}.get(self.kind, self.kind)
 
     def passes(self, settings: BenchSettings) -> tuple[str, ...]:
         return ("step",) if self.kind == "train" else settings.passes
+
+    def runs_on(self, backend: Any, jit: bool) -> bool:
+        """Native kernels only where the backend has one; a compiled training step only where
+        jit can trace the backend's vjp (so not with torch.compile: ``torch`` runs it eagerly)."""
+        if self.kind == "native":
+            return "native-attention" in backend.capabilities
+        return not (self.kind == "train" and jit and not backend.jit_traces_vjp)
+
+
+JIT_SUFFIX = "+jit"
+
+
+def split_spec(spec: str) -> tuple[str, bool]:
+    """``("torch:cuda", True)`` from ``"torch:cuda+jit"``."""
+    return (spec[: -len(JIT_SUFFIX)], True) if spec.endswith(JIT_SUFFIX) else (spec, False)
+
+
+def uses_jit(spec: str, backend: Any, settings: BenchSettings) -> bool:
+    """A ``+jit`` spec compiles; plain ``jax`` does too (eager JAX is op by op) unless
+    ``compile`` is off; other plain specs run eagerly."""
+    return split_spec(spec)[1] or (settings.compile and backend.name == "jax")
+
+
+def planned_methods(spec: str, settings: BenchSettings) -> list[Method]:
+    """The methods one backend spec runs."""
+    base, _ = split_spec(spec)
+    with use_backend(base) as backend:
+        jit = uses_jit(spec, backend, settings)
+        return [method for method in settings.methods if method.runs_on(backend, jit)]
 
 
 def resolve_backends(spec: str | None) -> tuple[str, ...]:
@@ -175,11 +206,13 @@ def resolve_backends(spec: str | None) -> tuple[str, ...]:
         return tuple(name for name in _DEFAULT_BACKENDS if name in installed) or ("numpy",)
     resolved = []
     for name in (part.strip().lower() for part in spec.split(",") if part.strip()):
-        if name.partition(":")[0] not in known_backends():
+        base, jit = split_spec(name)
+        if base.partition(":")[0] not in known_backends():
             raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())} "
-                             f"(installed here: {', '.join(installed) or 'none'})")
-        with use_backend(name):  # raises ValueError with the pip extra when not installed
-            pass
+                             f"(installed here: {', '.join(installed) or 'none'}); add {JIT_SUFFIX} to compile")
+        with use_backend(base) as backend:  # raises ValueError with the pip extra when not installed
+            if jit and "jit" not in backend.capabilities:
+                raise ValueError(f"{name}: backend {backend.name!r} cannot compile functions; drop {JIT_SUFFIX}")
         if name not in resolved:
             resolved.append(name)
     return tuple(resolved)
@@ -209,58 +242,19 @@ def estimate_peak_bytes(method: Method, length: int, settings: BenchSettings, pa
 # ---------------------------------------------------------------- measuring
 
 
-def _time_calls(fn: Callable[[], Any], synchronize: Callable[[], None], warmup: int, repeats: int):
+def _time_calls(fn: Callable[[], Any], synchronize: Callable[..., None], warmup: int, repeats: int):
     """``(first call seconds, [later call seconds])``: the first includes warm-up and compilation."""
     first = None
     for _ in range(max(warmup, 1)):
         start = time.perf_counter()
-        fn()
-        synchronize()
+        synchronize(fn())
         first = time.perf_counter() - start if first is None else first
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        out = fn()
-        synchronize()
+        synchronize(fn())
         times.append(time.perf_counter() - start)
-        del out
     return first, times
-
-
-def _resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _rss_peak(fn: Callable[[], Any], synchronize: Callable[[], None]) -> int | None:
-    """Resident memory growth during one call, sampled every 0.2 ms (Linux ``/proc``)."""
-    gc.collect()
-    base = _resident_bytes()
-    if base is None:
-        return None
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            value = _resident_bytes()
-            if value is not None and value > peak[0]:
-                peak[0] = value
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        out = fn()
-        synchronize()
-        del out
-    finally:
-        done.set()
-        sampler.join()
-    return max(0, peak[0] - base)
 
 
 def _peak_memory(backend: Any, fn: Callable[[], Any]) -> tuple[int | None, str]:
@@ -269,12 +263,17 @@ def _peak_memory(backend: Any, fn: Callable[[], Any]) -> tuple[int | None, str]:
     device_peak = getattr(backend, "peak_device_memory", None)
     if device_peak is not None and "gpu" in backend.capabilities:
         return device_peak(fn), "device"
-    return _rss_peak(fn, backend.synchronize), "host (RSS)"
+    return rss_peak(fn, backend.synchronize), "host (RSS)"
 
 
 def _attention_functions(method: Method, length: int, settings: BenchSettings, backend: Any):
     """``(forward(qk, v), rule(qk, v))`` with rotations drawn outside, and the bucket count."""
     common = {"causal": settings.causal}
+    if method.kind == "native":
+        def no_rule(qk, v):
+            raise TypeError("native attention is differentiated by the framework's autodiff only")
+
+        return (lambda qk, v: backend.native_full_attention(qk, qk, v, **common), no_rule), None
     if method.kind == "full":
         return (lambda qk, v: full_attention(qk, v, **common),
                 lambda qk, v: full_attention_vjp(qk, v, **common)), None
@@ -309,7 +308,7 @@ def _train_config(settings: BenchSettings, length: int) -> ReformerConfig:
                           ff_chunk_length=1024, causal=settings.causal, axial_pos_shape=(side, side))
 
 
-def _call_for(method: Method, pass_name: str, length: int, settings: BenchSettings, backend: Any):
+def _call_for(method: Method, pass_name: str, length: int, settings: BenchSettings, backend: Any, jit: bool = False):
     """``(zero-argument call, num_buckets)`` for one configuration; inputs are made here."""
     from .training import value_and_grad
 
@@ -321,10 +320,17 @@ def _call_for(method: Method, pass_name: str, length: int, settings: BenchSettin
 
         params = init_params(config, settings.seed, backend=backend, dtype=settings.dtype)
         tokens = backend.from_numpy(rng.integers(0, config.vocab_size, (batch, length)))
-        return (lambda: value_and_grad(params, tokens, tokens, config, rotations_seed=1, check_values=False)), None
+        def step(params, tokens):
+            return value_and_grad(params, tokens, tokens, config, rotations_seed=1, check_values=False)
+
+        if jit:  # only where jit traces the backend's vjp (runs_on)
+            step = backend.jit(step)
+        return (lambda: step(params, tokens)), None
     shape = (batch, settings.heads, length, settings.head_dim)
     qk, v, d_out = (backend.from_numpy(rng.standard_normal(shape), dtype=settings.dtype) for _ in range(3))
     (forward, rule), num_buckets = _attention_functions(method, length, settings, backend)
+    if jit and not backend.jit_traces_vjp:
+        forward = backend.jit(forward)  # the framework differentiates the compiled forward
     if pass_name == "forward":
         fn = forward
         args = (qk, v)
@@ -336,7 +342,7 @@ def _call_for(method: Method, pass_name: str, length: int, settings: BenchSettin
             return pullback(d_out)
 
         args = (qk, v, d_out)
-    if settings.compile and "jit" in backend.capabilities:
+    if jit and backend.jit_traces_vjp:
         fn = backend.jit(fn)
     return (lambda: fn(*args)), num_buckets
 
@@ -404,16 +410,17 @@ def run_benchmark(settings: BenchSettings, progress: Any = None, *, argv: list[s
     }
     memory_budget = settings.memory_budget_gb * 1e9
     for backend_name in settings.backends:
-        with use_backend(backend_name) as backend:
-            report["backends"][backend_name] = backend.describe()
+        with use_backend(split_spec(backend_name)[0]) as backend:
+            jit = uses_jit(backend_name, backend, settings)
+            report["backends"][backend_name] = {**backend.describe(), "compiled": jit}
             done: dict[tuple, tuple[int, float]] = {}
             for length in settings.lengths:
-                for method in settings.methods:
+                for method in planned_methods(backend_name, settings):
                     for pass_name in method.passes(settings):
                         if progress is not None:
                             progress.step(f"{backend_name} L={length} {method.title} {pass_name}")
                         row = _measure(backend, backend_name, method, pass_name, length, settings, done,
-                                       memory_budget, started)
+                                       memory_budget, started, jit)
                         report["results"].append(row)
                 gc.collect()
     _add_ratios(report)
@@ -421,7 +428,8 @@ def run_benchmark(settings: BenchSettings, progress: Any = None, *, argv: list[s
     return report
 
 
-def _measure(backend, backend_name, method, pass_name, length, settings, done, memory_budget, started) -> dict:
+def _measure(backend, backend_name, method, pass_name, length, settings, done, memory_budget, started,
+             jit=False) -> dict:
     row = {
         "backend": backend_name, "method": method.name, "kind": method.kind, "num_hashes": method.num_hashes,
         "pass": pass_name, "length": length, "batch": settings.batch_at(length), "num_buckets": None,
@@ -442,7 +450,7 @@ def _measure(backend, backend_name, method, pass_name, length, settings, done, m
         row["status"] = SKIPPED_TIME
         return row
     try:
-        call, _ = _call_for(method, pass_name, length, settings, backend)
+        call, _ = _call_for(method, pass_name, length, settings, backend, jit)
         row["first_call_s"], row["times_s"] = _time_calls(call, backend.synchronize, settings.warmup, settings.repeats)
         row["time_s"] = statistics.median(row["times_s"])
         done[key] = (length, row["time_s"])

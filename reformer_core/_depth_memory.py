@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ._host_memory import rss_peak, unmap_large_blocks
 from .config import ReformerConfig
 from .tree import tree_paths
 
@@ -43,22 +44,6 @@ def _nbytes(tree: Any) -> int:
                for _, leaf in tree_paths(tree))
 
 
-def _fixed_malloc() -> bool:
-    """Make glibc hand large freed blocks back at once, so RSS tracks live memory (Linux only)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 17)) and bool(libc.mallopt(m_trim_threshold, 1 << 17))
-    except (AttributeError, OSError):
-        return False
-
-
 def _tokens(config: ReformerConfig, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     return (rng.integers(0, config.vocab_size, (batch, length)), rng.integers(0, config.vocab_size, (batch, length)))
@@ -74,10 +59,9 @@ def _numpy_row(config, batch, length, mode) -> dict:
 def _torch_row(config, batch, length, mode, backend) -> dict:
     import torch
 
-    from ._bench import _rss_peak
     from .model import init_params
 
-    fixed = backend.device.type == "cuda" or _fixed_malloc()  # before anything is allocated
+    fixed = backend.device.type == "cuda" or unmap_large_blocks()  # before anything is allocated
     tokens, targets = (torch.from_numpy(t).to(backend.device) for t in _tokens(config, batch, length))
     if mode == "reversible":
         from reformer_core.backends.torch_nn import ReformerLM
@@ -106,7 +90,7 @@ def _torch_row(config, batch, length, mode, backend) -> dict:
         method = "sampled RSS (mallopt: large blocks unmapped on free) - gradients"
         if not fixed:
             method = "sampled RSS - gradients (allocator may keep freed memory)"
-        peak = max(_rss_peak(step, backend.synchronize) or 0 for _ in range(2))  # sampling can miss a spike
+        peak = max(rss_peak(step, backend.synchronize) or 0 for _ in range(2))  # sampling can miss a spike
     if mode == "reversible":
         model.zero_grad(set_to_none=True)
     return {"bytes": None if peak is None else int(peak - grad_bytes), "method": method}

@@ -258,7 +258,8 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     except ValueError as error:
         print(f"reformer-core bench: error: {error}", file=sys.stderr)
         return 2
-    total = len(settings.backends) * len(settings.lengths) * sum(len(m.passes(settings)) for m in settings.methods)
+    total = len(settings.lengths) * sum(len(m.passes(settings)) for spec in settings.backends
+                                        for m in _bench.planned_methods(spec, settings))
     with Progress(total, label="bench", enabled=not args.no_progress) as progress:
         report = _bench.run_benchmark(settings, progress, argv=argv)
     print(_bench.format_report(report))

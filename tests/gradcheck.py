@@ -231,3 +231,13 @@ def padding_mask(draw, rng, batch, length):
 
 def keep_mask(rng, shape, rate=0.3):
     return rng.random(shape) >= rate
+
+
+def naive_causal_attention(q, k, v):
+    """softmax(q k^T / sqrt(d), causal) v in float64 NumPy: what backends' native kernels compute."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    length = q.shape[-2]
+    logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    return (weights / weights.sum(-1, keepdims=True)) @ v

@@ -66,8 +66,8 @@ def test_bench_quick_writes_json_and_a_plot(tmp_path, capsys):
     assert report["hardware"]["cpu_count"] >= 1 and report["hardware"]["platform"]
     assert report["backends"]["numpy"]["backend"] == "numpy"
     methods = [m["name"] for m in report["methods"]]
-    assert methods == ["lsh-1", "lsh-2", "lsh-4", "lsh-8", "local", "full", "train"]
-    assert len(report["results"]) == 2 * (6 * 2 + 1)
+    assert methods == ["lsh-1", "lsh-2", "lsh-4", "lsh-8", "local", "full", "native-full", "train"]
+    assert len(report["results"]) == 2 * (6 * 2 + 1)  # NumPy has no native attention kernel
     for row in report["results"]:
         assert row["status"] == "ok", row
         assert row["time_s"] > 0 and len(row["times_s"]) == 1 and row["first_call_s"] > 0
@@ -199,3 +199,28 @@ def test_bench_quick_on_every_installed_cpu_backend(tmp_path, capsys):
     assert list(report["backends"]) == expected
     assert {row["status"] for row in report["results"]} == {"ok"}
     assert plot.stat().st_size > 1000
+    for name in set(expected) - {"numpy"}:  # the framework's fused kernel, side by side
+        native = [row for row in report["results"] if row["backend"] == name and row["kind"] == "native"]
+        assert {row["pass"] for row in native} == {"forward", "backward"} and all(row["time_s"] > 0 for row in native)
+    if "jax" in expected:
+        assert report["backends"]["jax"]["compiled"] is True
+
+
+def test_bench_jit_specs():
+    installed = reformer_core.available_backends()
+    with pytest.raises(ValueError, match=r"numpy\+jit: backend 'numpy' cannot compile functions; drop \+jit"):
+        _bench.resolve_backends("numpy+jit")
+    if "torch" in installed:
+        assert _bench.resolve_backends("torch,torch+jit") == ("torch", "torch+jit")
+        settings = _bench.BenchSettings(backends=("torch+jit",), lengths=(128,), num_hashes=(1,))
+        # torch.compile cannot trace autograd.grad, so no compiled training-step row
+        assert [m.name for m in _bench.planned_methods("torch+jit", settings)] == ["lsh-1", "local", "full",
+                                                                                   "native-full"]
+        assert [m.name for m in _bench.planned_methods("torch", settings)][-1] == "train"
+
+
+def test_timings_wait_for_asynchronous_results():
+    """The timer hands each result to ``synchronize``: JAX would otherwise time its dispatch only."""
+    seen = []
+    first, times = _bench._time_calls(lambda: "result", lambda *arrays: seen.append(arrays), warmup=1, repeats=2)
+    assert seen == [("result",)] * 3 and len(times) == 2

@@ -387,3 +387,12 @@ def test_data_parallel_over_two_devices_equals_one_device():
     assert report["params_replicated"]
     assert report["moved"] > 1e-3  # training changed the parameters
     assert report["grads"] < 1e-6 and report["params"] < 1e-6, report
+
+
+def test_native_full_attention_is_causal_softmax_attention(backend):
+    from gradcheck import naive_causal_attention
+
+    host = [np.random.default_rng(i).standard_normal((1, 2, 48, 8)).astype(np.float32) for i in range(3)]
+    out = backend.native_full_attention(*(backend.from_numpy(x) for x in host), causal=True)
+    assert "native-attention" in backend.capabilities and tuple(out.shape) == (1, 2, 48, 8)
+    np.testing.assert_allclose(backend.to_numpy(out), naive_causal_attention(*host), rtol=1e-4, atol=1e-5)

@@ -302,3 +302,34 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
     for variant, difference in results.items():
         assert isinstance(difference, float), f"{variant}: {difference}"
         assert difference < 1e-12, f"{variant}: parameters differ by {difference}"
+
+
+def test_jit_fast_path_equals_the_eager_path(backend):
+    """`torch+jit` (torch.compile of the core) against the eager core: forward and gradients."""
+    if not hasattr(torch, "compile"):
+        pytest.skip("this torch has no torch.compile")
+    rng = np.random.default_rng(3)
+    qk, v = (torch.from_numpy(rng.standard_normal((2, 2, 256, 16)).astype(np.float32)) for _ in range(2))
+    mask = torch.from_numpy(np.arange(256)[None, :] < np.array([[256], [200]]))
+    rotations = rc.random_rotations(1, 2, 16, 2, 8, like=qk)
+
+    def attention(qk, v):
+        return rc.lsh_attention(qk, v, rotations, num_buckets=8, chunk_length=32, causal=True, attention_mask=mask)
+
+    results = []
+    for fn in (attention, backend.jit(attention)):
+        inputs = [qk.clone().requires_grad_(True), v.clone().requires_grad_(True)]
+        out = fn(*inputs)
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        results.append([out.detach(), inputs[0].grad, inputs[1].grad])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_native_full_attention_is_causal_softmax_attention(backend):
+    from gradcheck import naive_causal_attention
+
+    host = [np.random.default_rng(i).standard_normal((1, 2, 48, 8)).astype(np.float32) for i in range(3)]
+    out = backend.native_full_attention(*(backend.from_numpy(x) for x in host), causal=True)
+    assert "native-attention" in backend.capabilities and tuple(out.shape) == (1, 2, 48, 8)
+    np.testing.assert_allclose(backend.to_numpy(out), naive_causal_attention(*host), rtol=1e-4, atol=1e-5)
