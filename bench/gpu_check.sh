@@ -38,6 +38,11 @@ echo "speed figure exit $?" | tee -a "$out/summary.txt"
 timeout 120 python3 -m reformer_core.cli bench --backends "$gpus" --lengths 1024,4096,16384 --hashes 2,8 --repeats 3 \
   --no-progress --json "$out/bench.json" --plot "$out/bench.png" >"$out/bench.txt" 2>&1
 echo "bench exit $?" | tee -a "$out/summary.txt"
+mem=$(echo "$gpus" | tr ',' '\n' | grep -v cupy | paste -sd, -)
+if [ -n "$mem" ]; then  # training-step memory against depth (the CUDA allocator / XLA's analysis)
+  timeout 90 python3 -m reformer_core.cli bench --memory --backends "$mem" --depths 2,12 --json "$out/memory.json" \
+    >"$out/memory.txt" 2>&1; echo "memory exit $?" | tee -a "$out/summary.txt"
+fi
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   timeout 90 python3 bench/torch_attention.py --device cuda --json "$out/torch_sdpa.json" >"$out/torch_sdpa.txt" 2>&1
   echo "torch vs SDPA exit $?" | tee -a "$out/summary.txt"
