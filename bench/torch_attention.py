@@ -139,6 +139,38 @@ def _hf_layer(length, num_hashes, device, dtype, heads, head_dim, chunk):
     return LSHSelfAttention(config).to(device, dtype)
 
 
+def hf_depth_rows(depths, length, device, dtype=torch.float32):
+    """HF ``ReformerModelWithLMHead`` training-step peak (above its parameters and gradients) at
+    the depths of ``--depths``: the peer of the ReformerLM rows, same sizes (LSH-2, chunk 64,
+    d_model 256, 4 heads, d_ff 1024). None when transformers is missing."""
+    try:
+        from transformers import ReformerConfig, ReformerModelWithLMHead
+    except ImportError:
+        return None
+    rows = []
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, length))).to(device)
+    for depth in depths:
+        config = ReformerConfig(vocab_size=256, hidden_size=256, num_attention_heads=4, attention_head_size=64,
+                                feed_forward_size=1024, attn_layers=["lsh"] * depth, num_hashes=2,
+                                lsh_attn_chunk_length=64, num_buckets=_bucket_list(length, 64), is_decoder=True,
+                                axial_pos_shape=[64, length // 64], axial_pos_embds_dim=[64, 192],
+                                max_position_embeddings=length, hidden_dropout_prob=0.0,
+                                lsh_attention_probs_dropout_prob=0.0, chunk_size_feed_forward=512)
+        model = ReformerModelWithLMHead(config).to(device, dtype).train()
+
+        def step():
+            model(tokens, labels=tokens).loss.backward()
+
+        step()  # warm-up; the gradients now exist and are accumulated into in place
+        grad_bytes = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+        peak = max(_peak(step, device) for _ in range(2))
+        rows.append({"layers": depth, "length": length, "peak_above_params_grads_bytes": peak,
+                     "grad_bytes": grad_bytes})
+        print(f"HF ReformerModelWithLMHead, {depth} layers, L={length}: step peak {peak / 2**20:.1f} MiB "
+              f"above parameters and gradients", flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -190,8 +222,10 @@ def main(argv=None):
         from reformer_core._depth_memory import backend_memory_vs_depth, format_depth_rows
 
         depths = tuple(int(d) for d in args.depths.split(","))
-        report["depth"] = backend_memory_vs_depth(f"torch:{device}", depths, length=args.model_length)
+        report["depth"] = backend_memory_vs_depth(f"torch:{device}", depths, length=args.model_length,
+                                                  modes=("reversible",))
         print(format_depth_rows(report["depth"]))
+        report["hf_depth"] = hf_depth_rows(depths, args.model_length, device)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=1)

@@ -229,7 +229,7 @@ def estimate_peak_bytes(method: Method, length: int, settings: BenchSettings, pa
     rows = settings.batch_at(length) * settings.heads
     inputs = 3 * rows * length * settings.head_dim * itemsize
     factor = 2 if pass_name != "forward" else 1
-    if method.kind == "full":
+    if method.kind in ("full", "native"):  # native kernels may be flash (linear memory), or not (XLA on CPU)
         return factor * 4 * length * length * rows * itemsize + inputs
     window = (1 + settings.num_chunks_before + settings.num_chunks_after) * settings.chunk_length
     if length <= settings.chunk_length:

@@ -18,11 +18,11 @@ How each backend is measured:
 from __future__ import annotations
 
 import gc
-from typing import Any
 
 import numpy as np
 
 from ._host_memory import rss_peak, unmap_large_blocks
+from ._memory import _nbytes
 from .config import ReformerConfig
 from .tree import tree_paths
 
@@ -37,11 +37,6 @@ def depth_memory_config(depth: int, *, quick: bool = False) -> ReformerConfig:
     return ReformerConfig(vocab_size=256, d_model=d_model, num_heads=4, head_dim=d_model // 4, d_ff=4 * d_model,
                           attention_layers=("lsh",) * depth, num_hashes=2, lsh_chunk_length=64, causal=True,
                           ff_chunk_length=512, axial_pos_shape=(64, 64))
-
-
-def _nbytes(tree: Any) -> int:
-    return sum(int(leaf.nbytes) if hasattr(leaf, "nbytes") else leaf.numel() * leaf.element_size()
-               for _, leaf in tree_paths(tree))
 
 
 def _tokens(config: ReformerConfig, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,19 +75,27 @@ def _torch_row(config, batch, length, mode, backend) -> dict:
             loss = _plain_loss(params, tokens, targets, config)
             return torch.autograd.grad(loss, leaves)
 
-    grads = step()  # warm-up
-    grad_bytes = _nbytes(list(grads))
-    del grads
-    gc.collect()
+    def reset():  # gradients of the step before are freed, so each step allocates its own
+        if mode == "reversible":
+            model.zero_grad(set_to_none=True)
+        gc.collect()
+
+    grad_bytes = _nbytes(list(step()))  # warm-up
+    peaks = []
+    for _ in range(2):  # sampling can miss a short spike: the larger of two
+        reset()
+        if backend.device.type == "cuda":
+            peaks.append(backend.peak_device_memory(step))
+        else:
+            peaks.append(rss_peak(step, backend.synchronize))
+    reset()
     if backend.device.type == "cuda":
-        peak, method = backend.peak_device_memory(step), "CUDA allocator peak - gradients"
-    else:
+        method = "CUDA allocator peak - gradients"
+    elif fixed:
         method = "sampled RSS (mallopt: large blocks unmapped on free) - gradients"
-        if not fixed:
-            method = "sampled RSS - gradients (allocator may keep freed memory)"
-        peak = max(rss_peak(step, backend.synchronize) or 0 for _ in range(2))  # sampling can miss a spike
-    if mode == "reversible":
-        model.zero_grad(set_to_none=True)
+    else:
+        method = "sampled RSS - gradients (allocator may keep freed memory)"
+    peak = None if None in peaks else max(peaks)
     return {"bytes": None if peak is None else int(peak - grad_bytes), "method": method}
 
 

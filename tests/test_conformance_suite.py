@@ -123,6 +123,11 @@ def test_targets_from_option_environment_and_defaults(monkeypatch):
     assert target is None and "unknown backend" in why
     target, why = make_target("torch:cuda9")
     assert target is None and why
+    target, why = make_target("numpy+jit")
+    assert target is None and "cannot compile" in why
+    if "torch" in rc.available_backends():  # torch.compile cannot trace the checks' vjp: skipped with why
+        target, why = make_target("torch+jit")
+        assert target is None and "compiled path is checked against the eager one" in why
 
 
 def test_tolerance_lookup():
