@@ -110,6 +110,10 @@ class Backend:
     #: framework differentiate the compiled function.
     jit_traces_vjp = True
 
+    #: Whether ``native_full_attention`` runs without an ``L x L`` array (flash-style), so the
+    #: benchmarks need not budget for one.
+    native_attention_linear_memory = False
+
     def native_full_attention(self, q: Any, k: Any, v: Any, *, causal: bool) -> Any:
         """The framework's own fused full attention on ``(batch, heads, length, head_dim)``
         (scale ``1/sqrt(head_dim)``): a speed baseline for the benchmarks, not the core's

@@ -100,10 +100,13 @@ def unstack_layers(params: dict, config: ReformerConfig) -> dict:
     """Inverse of :func:`stack_layers`: ``params["layers"]`` as the core's list of layers."""
     _check_config(config)
     check_params(params, config, shapes=scanned_shapes(config))
-    groups = params["layers"]["scanned"]
+    return {**params, "layers": _unstacked(params["layers"]["scanned"], config.num_layers)}
+
+
+def _unstacked(groups: list, num_layers: int) -> list:
+    """Layer ``i`` is entry ``i // p`` of group ``i % p`` (``p = len(groups)``)."""
     period = len(groups)
-    layers = [jax.tree.map(lambda leaf, r=i // period: leaf[r], groups[i % period]) for i in range(config.num_layers)]
-    return {**params, "layers": layers}
+    return [jax.tree.map(lambda leaf, r=i // period: leaf[r], groups[i % period]) for i in range(num_layers)]
 
 
 def scanned_shapes(config: ReformerConfig) -> dict:
@@ -179,8 +182,7 @@ def _stack_backward(config, saved, cotangents):
     if _is_scanned(layer_params):
         d_params = {"scanned": grads}
     else:
-        period = len(grads)
-        d_params = [jax.tree.map(lambda g, r=i // period: g[r], grads[i % period]) for i in range(config.num_layers)]
+        d_params = _unstacked(grads, config.num_layers)
     # Rotations, masks and dropout masks get no gradient (zeros; None for the boolean masks).
     d_rotations = jax.tree.map(jnp.zeros_like, rotations)
     return d_params, d_x1, d_x2, d_rotations, None, None

@@ -160,6 +160,8 @@ class TorchBackend(Backend):
 
         return run
 
+    native_attention_linear_memory = True  # SDPA's flash / memory-efficient kernels, CPU included
+
     def native_full_attention(self, q, k, v, *, causal):
         """``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
         kernels where the device has them)."""

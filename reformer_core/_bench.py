@@ -218,7 +218,8 @@ def resolve_backends(spec: str | None) -> tuple[str, ...]:
     return tuple(resolved)
 
 
-def estimate_peak_bytes(method: Method, length: int, settings: BenchSettings, pass_name: str = "forward") -> int:
+def estimate_peak_bytes(method: Method, length: int, settings: BenchSettings, pass_name: str = "forward",
+                        backend: Any = None) -> int:
     """Conservative peak memory of one call, for deciding what to skip.
 
     Full attention holds a few ``(batch, heads, L, L)`` arrays: ``4 * L^2 * heads * batch``
@@ -229,7 +230,9 @@ def estimate_peak_bytes(method: Method, length: int, settings: BenchSettings, pa
     rows = settings.batch_at(length) * settings.heads
     inputs = 3 * rows * length * settings.head_dim * itemsize
     factor = 2 if pass_name != "forward" else 1
-    if method.kind in ("full", "native"):  # native kernels may be flash (linear memory), or not (XLA on CPU)
+    if method.kind == "native" and getattr(backend, "native_attention_linear_memory", False):
+        return 4 * inputs  # a flash-style kernel: no L x L array
+    if method.kind in ("full", "native"):  # other native kernels (XLA's on the CPU) hold L x L
         return factor * 4 * length * length * rows * itemsize + inputs
     window = (1 + settings.num_chunks_before + settings.num_chunks_after) * settings.chunk_length
     if length <= settings.chunk_length:
@@ -433,7 +436,7 @@ def _measure(backend, backend_name, method, pass_name, length, settings, done, m
     row = {
         "backend": backend_name, "method": method.name, "kind": method.kind, "num_hashes": method.num_hashes,
         "pass": pass_name, "length": length, "batch": settings.batch_at(length), "num_buckets": None,
-        "status": "ok", "estimated_peak_bytes": estimate_peak_bytes(method, length, settings, pass_name),
+        "status": "ok", "estimated_peak_bytes": estimate_peak_bytes(method, length, settings, pass_name, backend),
         "first_call_s": None, "times_s": [], "time_s": None, "peak_memory_bytes": None, "memory_kind": None,
     }
     if method.kind == "lsh":
