@@ -13,6 +13,9 @@ How each backend is measured:
 * jax: the compiled step's temporary buffers (``compiled.memory_analysis()``), which exclude
   the arguments (parameters) and outputs (loss and gradients) by construction. The reversible
   step uses the scanned parameter layout (``jax_model.stack_layers``).
+
+The torch and JAX measurements live in ``backends/_training_memory.py``, beside the
+framework code; this module only picks them by backend name.
 """
 
 from __future__ import annotations
@@ -21,10 +24,7 @@ import gc
 
 import numpy as np
 
-from ._host_memory import rss_peak, unmap_large_blocks
-from ._memory import _nbytes
 from .config import ReformerConfig
-from .tree import tree_paths
 
 __all__ = ["depth_memory_config", "backend_memory_vs_depth"]
 
@@ -39,7 +39,7 @@ def depth_memory_config(depth: int, *, quick: bool = False) -> ReformerConfig:
                           ff_chunk_length=512, axial_pos_shape=(64, 64))
 
 
-def _tokens(config: ReformerConfig, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+def tokens_for(config: ReformerConfig, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     return (rng.integers(0, config.vocab_size, (batch, length)), rng.integers(0, config.vocab_size, (batch, length)))
 
@@ -51,90 +51,13 @@ def _numpy_row(config, batch, length, mode) -> dict:
     return {"bytes": row["activation_bytes"], "method": "tracemalloc, peak - gradients"}
 
 
-def _torch_row(config, batch, length, mode, backend) -> dict:
-    import torch
+def _framework_row(name: str):
+    """The measurement of a framework backend, kept in ``backends/`` with the framework code."""
+    if name not in ("torch", "jax"):
+        return None
+    from reformer_core.backends import _training_memory
 
-    from .model import init_params
-
-    fixed = backend.device.type == "cuda" or unmap_large_blocks()  # before anything is allocated
-    tokens, targets = (torch.from_numpy(t).to(backend.device) for t in _tokens(config, batch, length))
-    if mode == "reversible":
-        from reformer_core.backends.torch_nn import ReformerLM
-
-        model = ReformerLM(config, seed=0, device=backend.device)
-
-        def step():
-            logits = model(tokens)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
-            return [p.grad for p in model.parameters()]
-    else:
-        params = init_params(config, 0, backend=backend)
-        leaves = [leaf.requires_grad_(True) for _, leaf in tree_paths(params)]
-
-        def step():  # the core's forward under plain autograd: every activation is kept
-            loss = _plain_loss(params, tokens, targets, config)
-            return torch.autograd.grad(loss, leaves)
-
-    def reset():  # gradients of the step before are freed, so each step allocates its own
-        if mode == "reversible":
-            model.zero_grad(set_to_none=True)
-        gc.collect()
-
-    grad_bytes = _nbytes(list(step()))  # warm-up
-    peaks = []
-    for _ in range(2):  # sampling can miss a short spike: the larger of two
-        reset()
-        if backend.device.type == "cuda":
-            peaks.append(backend.peak_device_memory(step))
-        else:
-            peaks.append(rss_peak(step, backend.synchronize))
-    reset()
-    if backend.device.type == "cuda":
-        method = "CUDA allocator peak - gradients"
-    elif fixed:
-        method = "sampled RSS (mallopt: large blocks unmapped on free) - gradients"
-    else:
-        method = "sampled RSS - gradients (allocator may keep freed memory)"
-    peak = None if None in peaks else max(peaks)
-    return {"bytes": None if peak is None else int(peak - grad_bytes), "method": method}
-
-
-def _plain_loss(params, tokens, targets, config):
-    from .model import apply, cross_entropy_loss
-
-    return cross_entropy_loss(apply(params, tokens, config, rotations_seed=0), targets)
-
-
-def _jax_row(config, batch, length, mode, backend) -> dict:
-    import jax
-
-    from reformer_core.backends import jax_model
-
-    from .model import init_params
-
-    params = init_params(config, 0, backend=backend)
-    tokens, targets = (backend.from_numpy(t.astype(np.int32)) for t in _tokens(config, batch, length))
-    if mode == "reversible":
-        params = jax_model.stack_layers(params, config)
-        randomness = jax_model.step_randomness(config, 0, batch=batch, length=length, like=params)
-        step = jax.jit(jax_model.loss_and_grad, static_argnames="config")
-        lowered = step.lower(params, tokens, targets, config, **randomness)
-    else:
-        rotations = jax_model.step_randomness(config, 0, batch=batch, length=length, like=params)["rotations"]
-
-        def plain(params, tokens, targets, rotations):  # jax.grad of the core's forward: XLA keeps activations
-            from .model import apply, cross_entropy_loss
-
-            return cross_entropy_loss(apply(params, tokens, config, rotations=rotations, check_values=False), targets)
-
-        lowered = jax.jit(jax.value_and_grad(plain)).lower(params, tokens, targets, rotations)
-    analysis = lowered.compile().memory_analysis()
-    if analysis is None:
-        return {"bytes": None, "method": "this jax build reports no memory analysis"}
-    return {"bytes": int(analysis.temp_size_in_bytes), "method": "XLA temp buffers of the compiled step"}
-
-
-_ROWS = {"numpy": _numpy_row, "torch": _torch_row, "jax": _jax_row}
+    return getattr(_training_memory, f"{name}_row")
 
 
 def backend_memory_vs_depth(backend_spec: str, depths=(2, 4, 8, 12), *, length: int = 4096, batch: int = 1,
@@ -143,7 +66,7 @@ def backend_memory_vs_depth(backend_spec: str, depths=(2, 4, 8, 12), *, length: 
     from .backend import resolve_backend
 
     backend = resolve_backend(backend_spec)
-    measure = _ROWS.get(backend.name)
+    measure = _numpy_row if backend.name == "numpy" else _framework_row(backend.name)
     if measure is None:
         raise ValueError(f"bench --memory measures numpy, torch and jax; {backend.name!r} is not supported yet")
     rows = []
