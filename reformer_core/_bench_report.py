@@ -78,7 +78,11 @@ def format_report(report: dict) -> str:
                      f"{' (' + ', '.join(kinds) + ')' if kinds else ''}; ratio: time over L={first}; "
                      f"first: the first call at L={first} (warm-up, compilation)")
         notes = set()
-        for title, columns in _blocks(report):
+        ran = {(r["method"], r["pass"]) for r in report["results"] if r["backend"] == backend_name}
+        for title, all_columns in _blocks(report):
+            columns = [(m, p) for m, p in all_columns if (m["name"], p) in ran]  # e.g. no native kernel here
+            if not columns:
+                continue
             width = 22
             lines.append(f"{title:<8}" + "".join(f"  {_title(m, p).replace(' +bwd', ''):>{width}}" for m, p in columns))
             for length in lengths:
