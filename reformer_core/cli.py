@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-local", action="store_true", help="leave out local attention")
     bench.add_argument("--no-train", action="store_true", help="leave out the whole training step")
     bench.add_argument("--forward-only", action="store_true", help="no forward+backward pass")
-    bench.add_argument("--no-compile", action="store_true", help="do not jit on backends that can (JAX)")
+    bench.add_argument("--no-compile", action="store_true",
+                       help="run plain jax eagerly (it is jitted by default; a +jit spec such as torch+jit always compiles)")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory against length (matplotlib)")
     bench.add_argument("--memory-budget-gb", type=_positive_float, default=8.0, metavar="GB",
                        help="skip a configuration whose estimated peak memory exceeds this (default 8)")
