@@ -23,12 +23,6 @@ pytest.importorskip("pytest_benchmark")
 BATCH, HEADS, LENGTH, HEAD_DIM, CHUNK, HASHES = 1, 4, 2048, 64, 64, 4
 
 
-@pytest.fixture(params=[b for b in rc.available_backends() if b != "strict"], scope="module")
-def backend(request):
-    with rc.use_backend(request.param) as backend:
-        yield backend
-
-
 @pytest.fixture(scope="module")
 def problem(backend):
     rng = np.random.default_rng(0)
@@ -40,35 +34,24 @@ def problem(backend):
     return qk, v, rotations, num_buckets, buckets
 
 
-def _run(benchmark, backend, fn, group):
-    benchmark.group = f"{group} {backend.name}"
-
-    def call():
-        out = fn()
-        backend.synchronize()
-        return out
-
-    return benchmark(call)
-
-
-def test_hash(benchmark, backend, problem):
+def test_hash(measure, backend, problem):
     qk, _, rotations, num_buckets, _ = problem
-    _run(benchmark, backend, lambda: _hash(backend.xp, qk, rotations, num_buckets, None), "hash")
+    measure(lambda: _hash(backend.xp, qk, rotations, num_buckets, None), "hash")
 
 
-def test_sort(benchmark, backend, problem):
+def test_sort(measure, backend, problem):
     buckets = problem[4]
-    _run(benchmark, backend, lambda: sort_by_bucket(backend.xp, buckets), "sort")
+    measure(lambda: sort_by_bucket(backend.xp, buckets), "sort")
 
 
-def test_chunked_attention(benchmark, backend, problem):
+def test_chunked_attention(measure, backend, problem):
     qk, v, _, _, buckets = problem
-    _run(benchmark, backend, lambda: lsh_with_buckets(backend.xp, qk, v, buckets, None, chunk_length=CHUNK,
+    measure(lambda: lsh_with_buckets(backend.xp, qk, v, buckets, None, chunk_length=CHUNK,
                                                       num_chunks_before=1, num_chunks_after=0, causal=True)[0],
          "chunked attention")
 
 
-def test_reversible_layer_forward_and_backward(benchmark, backend):
+def test_reversible_layer_forward_and_backward(measure, backend):
     config = rc.ReformerConfig(vocab_size=16, d_model=256, num_heads=HEADS, head_dim=HEAD_DIM, d_ff=512,
                                attention_layers=("lsh",), num_hashes=2, lsh_chunk_length=CHUNK,
                                ff_chunk_length=512, axial_pos_shape=(64, 64))
@@ -80,4 +63,4 @@ def test_reversible_layer_forward_and_backward(benchmark, backend):
         y1, y2 = reversible_forward(layers, x, x)
         return reversible_backward(layers, y1, y2, y1, y2, vjp=backend.vjp)
 
-    _run(benchmark, backend, step, "reversible layer fwd+bwd")
+    measure(step, "reversible layer fwd+bwd")
