@@ -3,8 +3,14 @@
 An adapter is a class whose instances pair one framework with one device. The core only
 asks an adapter to make arrays from NumPy (parameters and rotations are drawn on the host
 so every backend starts from the same numbers), to bring them back, to name dtypes, and,
-for training, to differentiate. Each adapter file has the same shape; differences between
-frameworks are commented where they occur.
+for training, to differentiate. Every method a caller may use is declared here, with a
+default: the required ones raise ``NotImplementedError``, the optional ones either raise it
+with the reason (so a caller can report "not supported on this backend") or return a
+documented neutral value. Callers never probe an adapter with ``getattr``.
+
+An adapter module must import no framework at module level: the registry imports every
+adapter class to read its declarations (``name``, ``framework``, ``array_modules``,
+``extra``), and ``import reformer_core`` must stay framework-free.
 """
 
 from __future__ import annotations
@@ -21,21 +27,39 @@ DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 class Backend:
     """One framework on one device.
 
-    Attributes:
+    Declarations (class attributes, written once per adapter):
         name: registry name (``"numpy"``, ``"torch"``, ...).
-        framework: top-level module of the framework's arrays.
-        extra: the ``pip install reformer-core[extra]`` that brings the framework in.
-        capabilities: feature flags, e.g. ``{"float64", "autodiff", "gpu"}``.
+        framework: the module that must be installed for the backend to work (looked up with
+            ``importlib.util.find_spec``, never imported to check).
+        array_modules: top-level modules of the framework's array types (``("jax", "jaxlib")``),
+            so an array's backend is found from its type without importing anything.
+        extra: the ``pip install reformer-core[extra]`` that brings the framework in (None: a
+            dependency of reformer-core itself).
+        autodiff: True where ``vjp`` comes from the framework, not the hand-written rules.
+        jit_traces_vjp: whether ``jit`` can compile a function that calls ``vjp`` (JAX: yes;
+            torch.compile cannot trace ``torch.autograd.grad``).
+        native_attention_linear_memory: whether ``native_full_attention`` runs without an
+            ``L x L`` array (flash-style), so the benchmarks need not budget for one.
+
+    ``capabilities`` is a property: feature flags such as ``{"float64", "autodiff", "gpu",
+    "jit", "native-attention", "tracemalloc"}`` for this device (some depend on the device or
+    on a framework switch, like JAX's x64 mode).
     """
 
     name: str = ""
     framework: str = ""
+    array_modules: tuple[str, ...] = ()
     extra: str | None = None
-    capabilities: frozenset[str] = frozenset()
-    autodiff: bool = False  # True where vjp comes from the framework, not the hand-written rules
+    autodiff: bool = False
+    jit_traces_vjp: bool = True
+    native_attention_linear_memory: bool = False
 
     def __init__(self, device: Any = None) -> None:
         self.device = self.default_device() if device is None else self.parse_device(device)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset()
 
     # ---- namespace and devices ----
     @property
@@ -61,7 +85,7 @@ class Backend:
 
     def owns(self, array: Any) -> bool:
         """Whether ``array`` is an array of this framework (never imports anything)."""
-        return type(array).__module__.split(".", 1)[0] == self.framework
+        return type(array).__module__.split(".", 1)[0] in (self.array_modules or (self.framework,))
 
     # ---- dtypes and placement ----
     def dtype(self, name: str | Any):
@@ -87,16 +111,21 @@ class Backend:
         results) are computed (no-op on synchronous frameworks). Timings must call it with the
         result: an asynchronous framework (JAX) would otherwise time only the dispatch."""
 
-    # ---- differentiation ----
+    # ---- differentiation and compilation ----
     def vjp(self, fn: Callable, *primals: Any):
         """``(fn(*primals), pullback)`` with ``pullback(cotangent) -> grads of primals``.
 
         The default uses reformer_core's hand-written rules (``fn`` must be a
-        ``reformer_core.autodiff.Differentiable``); frameworks with autodiff override it.
+        ``reformer_core.Differentiable``); frameworks with autodiff override it.
         """
-        from reformer_core.autodiff import rule_vjp
+        from reformer_core._model.autodiff import rule_vjp
 
         return rule_vjp(fn, *primals)
+
+    def stop_gradient(self, array: Any) -> Any:
+        """``array`` cut out of any autodiff trace. Default: ``array`` itself (a backend
+        without autodiff traces nothing)."""
+        return array
 
     def jit(self, fn: Callable) -> Callable:
         """``fn`` compiled by the framework; only where ``"jit"`` is in ``capabilities``.
@@ -105,21 +134,29 @@ class Backend:
         """
         raise NotImplementedError(f"backend {self.name!r} cannot compile functions (no 'jit' capability)")
 
-    #: Whether ``jit`` can compile a function that calls ``vjp`` (JAX: yes). When False
-    #: (torch.compile cannot trace ``torch.autograd.grad``), compile the forward and let the
-    #: framework differentiate the compiled function.
-    jit_traces_vjp = True
-
-    #: Whether ``native_full_attention`` runs without an ``L x L`` array (flash-style), so the
-    #: benchmarks need not budget for one.
-    native_attention_linear_memory = False
-
     def native_full_attention(self, q: Any, k: Any, v: Any, *, causal: bool) -> Any:
         """The framework's own fused full attention on ``(batch, heads, length, head_dim)``
         (scale ``1/sqrt(head_dim)``): a speed baseline for the benchmarks, not the core's
         semantics (no shared-QK key normalisation, no self mask). Only where
         ``"native-attention"`` is in ``capabilities``."""
         raise NotImplementedError(f"backend {self.name!r} has no native attention kernel")
+
+    # ---- memory (for ``reformer-core bench``) ----
+    def peak_device_memory(self, fn: Callable[[], Any]) -> int:
+        """Peak device bytes allocated during ``fn()`` above what was allocated before, read
+        from the framework's device allocator. Only on devices that have one."""
+        raise NotImplementedError(f"backend {self.name!r} on {self.device} has no device allocator to read")
+
+    def memory_in_use(self) -> int:
+        """Device bytes the framework's allocator holds now. Only on devices that have one."""
+        raise NotImplementedError(f"backend {self.name!r} on {self.device} has no device allocator to read")
+
+    def training_step_memory(self, config: Any, *, batch: int, length: int, reversible: bool) -> dict:
+        """Memory of one training step's forward and backward beyond the parameters and the
+        gradients it returns: ``{"bytes": int or None, "method": how it was measured}``.
+        ``reversible`` selects the reversible stack; False stores every layer's activations
+        (plain autodiff, the baseline). Implemented in each backend folder's ``memory.py``."""
+        raise NotImplementedError(f"bench --memory cannot measure backend {self.name!r} yet")
 
     # ---- misc ----
     def version(self) -> str:

@@ -1,5 +1,17 @@
-"""Side-by-side benchmarks of reformer-core (not installed, not run by the test suite).
+"""Benchmarks and measurements of reformer-core (installed as ``reformer_core.bench``).
 
-``bench/attention.py``: pytest-benchmark micro-benchmarks, ``python -m pytest bench/attention.py``.
-The length sweep lives in the installed package: ``reformer-core bench``.
+``reformer-core bench`` and ``reformer-core train`` run from here:
+
+* ``command.py``: the ``bench`` command's arguments and how it runs;
+* ``harness.py``: the side-by-side sweep (backends x lengths x attention kinds x passes),
+  including the paper's speed figure (``--speed-figure``);
+* ``report.py``: its tables and plots;
+* ``memory.py``: the host memory probes (tracemalloc, sampled RSS);
+* ``depth.py``: memory against depth and length (``bench --memory``), asking each backend's
+  ``memory.py`` through ``Backend.training_step_memory``;
+* ``copy_task.py``: the paper's duplication task and ``reformer-core train``;
+* ``torch_attention.py``: torch-only peers (SDPA, HF transformers) at the issue sizes.
+
+``micro/`` (in a checkout, not installed) holds pytest-benchmark micro-benchmarks of the hot
+components: ``python -m pytest bench/micro``.
 """

@@ -19,7 +19,7 @@ forward+backward time (median of ``--repeats``) and the forward+backward's peak 
   ``torch.compile`` (the torch backend's ``jit``; the first call per shape compiles).
 
 Depth: one ``ReformerLM`` training step at ``--model-length`` for 2, 4, 8, 12 layers
-(:mod:`reformer_core._depth_memory`, as ``reformer-core bench --memory --backends torch``).
+(:mod:`reformer_core.bench.depth`, as ``reformer-core bench --memory --backends torch``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import reformer_core as rc
-from reformer_core._host_memory import rss_peak, unmap_large_blocks
+from reformer_core.bench.memory import rss_peak, unmap_large_blocks
 
 
 def _timed(fn, device, repeats):
@@ -109,7 +109,7 @@ def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chu
 
     cases = {"lsh": lsh, "lsh_block": lsh_block}
     if compiled:  # the torch+jit fast path: the same functions through torch.compile
-        from reformer_core.backend import resolve_backend
+        from reformer_core._registry import resolve_backend
 
         jit = resolve_backend(f"torch:{device}").jit
         cases.update({"lsh_jit": jit(lsh), "lsh_block_jit": jit(lsh_block)})
@@ -219,7 +219,7 @@ def main(argv=None):
                 report.setdefault("crossover", {})[f"{impl}-{hashes}"] = wins[0] if wins else None
                 print(f"crossover ({impl} fwd+bwd faster than SDPA), {hashes} hashes: {wins[0] if wins else 'not reached'}")
     if args.depths:
-        from reformer_core._depth_memory import backend_memory_vs_depth, format_depth_rows
+        from reformer_core.bench.depth import backend_memory_vs_depth, format_depth_rows
 
         depths = tuple(int(d) for d in args.depths.split(","))
         report["depth"] = backend_memory_vs_depth(f"torch:{device}", depths, length=args.model_length,

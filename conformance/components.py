@@ -15,13 +15,11 @@ import numpy as np
 from array_api_compat import numpy as np_xp
 
 import reformer_core as rc
-from reformer_core import blocks, lsh, model, reversible
-from reformer_core.autodiff import Differentiable, rule_vjp
-from reformer_core.full import full_attention_vjp
-from reformer_core.local import local_attention_vjp
-from reformer_core.sorting import sort_by_bucket
-from reformer_core.training import value_and_grad
-from reformer_core.tree import tree_map, tree_paths
+from reformer_core import Differentiable, full_attention_vjp, local_attention_vjp, lsh_attention_vjp, tree_map, tree_paths
+from reformer_core import reversible_backward, reversible_forward, value_and_grad
+from reformer_core._attention.sorting import sort_by_bucket
+from reformer_core._model import blocks, lm
+from reformer_core._model.autodiff import rule_vjp
 
 from .assertions import compare, reproduction
 from .oracle import (
@@ -74,7 +72,7 @@ def _on_target(target, fn: Callable) -> Callable:
         return fn
 
     def traced(*args):
-        with capture_traced(getattr(target.backend, "stop_gradient", lambda array: array)) as captured:
+        with capture_traced(target.backend.stop_gradient) as captured:
             return fn(*args), captured
 
     compiled = target.backend.jit(traced)
@@ -167,7 +165,7 @@ def check_lsh_attention(target, dtype, case) -> None:
         return rc.lsh_attention(qk, v, place(a["rotations"]), attention_mask=place(a["keep"]), **case.lsh_kwargs())
 
     def vjp(place, qk, v):
-        return lsh.lsh_attention_vjp(qk, v, place(a["rotations"]), attention_mask=place(a["keep"]),
+        return lsh_attention_vjp(qk, v, place(a["rotations"]), attention_mask=place(a["keep"]),
                                      **case.lsh_kwargs())
 
     _attention_check("lsh_attention", target, dtype, case, ("qk", "v"), forward, vjp)
@@ -240,10 +238,10 @@ def check_embedding(target, dtype, case) -> None:
     tokens = a["tokens"]
 
     def forward(xp, p, _x):
-        return model.embed(xp, p, on.put(tokens) if xp is not np_xp else tokens, config)
+        return lm.embed(xp, p, on.put(tokens) if xp is not np_xp else tokens, config)
 
     def rule(xp, p, _x):
-        out, pullback = model.embed_vjp(xp, p, on.put(tokens) if xp is not np_xp else tokens, config)
+        out, pullback = lm.embed_vjp(xp, p, on.put(tokens) if xp is not np_xp else tokens, config)
         return out, lambda d: (pullback(d), None)
 
     _params_check("embedding", target, dtype, case, params, a["x"], a["d_out"], forward, rule)
@@ -262,12 +260,12 @@ def check_reversible(target, dtype, case) -> None:
 
     def run(xp, params, x, keep, cotangent, vjp):
         rotations = rc.sample_rotations(config, case.length, case.seed, like=x)
-        masks = model.sample_dropout_masks(config, case.batch, case.length, case.seed, backend=rc.backend_for(x)) \
+        masks = lm.sample_dropout_masks(config, case.batch, case.length, case.seed, backend=rc.backend_for(x)) \
             if config.hidden_dropout else None
         layers = blocks.reversible_layers(xp, params, config, rotations=rotations, attention_mask=keep,
                                           dropout_masks=masks)
-        y1, y2 = reversible.reversible_forward(layers, x, x)
-        rebuilt, d_x, grads = reversible.reversible_backward(layers, y1, y2, cotangent, cotangent, vjp=vjp)
+        y1, y2 = reversible_forward(layers, x, x)
+        rebuilt, d_x, grads = reversible_backward(layers, y1, y2, cotangent, cotangent, vjp=vjp)
         return y1, y2, rebuilt, d_x, grads
 
     x64 = a["x"]

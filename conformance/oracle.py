@@ -16,8 +16,8 @@ from unittest import mock
 
 import numpy as np
 
-from reformer_core import layers as layers_module
-from reformer_core import lsh as lsh_module
+from reformer_core._attention import lsh as lsh_module
+from reformer_core._model import layers as layers_module
 
 from .tolerances import HASH_TIE_ULPS
 
@@ -56,9 +56,9 @@ def check_buckets(got: np.ndarray, x: np.ndarray, rotations: np.ndarray, num_buc
     """
     from array_api_compat import numpy as xp
 
-    from reformer_core.hashing import _hash
+    from reformer_core._attention.hashing import compute_buckets
 
-    oracle = np.asarray(_hash(xp, x, rotations, num_buckets, keep))
+    oracle = np.asarray(compute_buckets(xp, x, rotations, num_buckets, keep))
     differ = got != oracle
     if not differ.any():
         return oracle, 0
@@ -74,14 +74,14 @@ def check_buckets(got: np.ndarray, x: np.ndarray, rotations: np.ndarray, num_buc
 def record_buckets(to_numpy):
     """Collect, in call order, the buckets every LSH attention call computes."""
     recorded: list[np.ndarray] = []
-    original = lsh_module._hash
+    original = lsh_module.compute_buckets
 
     def recording(xp, x, rotations, num_buckets, keep):
         buckets = original(xp, x, rotations, num_buckets, keep)
         recorded.append(np.asarray(to_numpy(buckets)))
         return buckets
 
-    with mock.patch.object(lsh_module, "_hash", recording), _active("buckets", recorded):
+    with mock.patch.object(lsh_module, "compute_buckets", recording), _active("buckets", recorded):
         yield recorded
 
 
@@ -90,7 +90,7 @@ def replay_buckets(recorded: list[np.ndarray], dtype: str, failures: list[str]):
     """Make the oracle's LSH calls use the backend's recorded buckets, after checking that each
     differs from the oracle's own only by ties (real mismatches are appended to ``failures``)."""
     queue = list(recorded)
-    original = lsh_module._hash
+    original = lsh_module.compute_buckets
 
     def replaying(xp: Any, x, rotations, num_buckets, keep):
         if not queue:
@@ -103,7 +103,7 @@ def replay_buckets(recorded: list[np.ndarray], dtype: str, failures: list[str]):
             failures.append(f"{real} bucket ids differ from the oracle's by more than a rounding tie")
         return expected
 
-    with mock.patch.object(lsh_module, "_hash", replaying):
+    with mock.patch.object(lsh_module, "compute_buckets", replaying):
         yield
 
 
@@ -174,7 +174,7 @@ def replay_gates(recorded: list, dtype: str, failures: list[str]):
 # so the compiled function can return them; ``release_captured`` then hands the concrete
 # values to the innermost active ``record_buckets`` / ``record_gates`` block.
 
-_GENUINE = {"hash": lsh_module._hash, "activation": layers_module.activation}
+_GENUINE = {"hash": lsh_module.compute_buckets, "activation": layers_module.activation}
 _RECORDING: dict[str, list[list]] = {"buckets": [], "gates": []}  # active record_* lists, innermost last
 
 
@@ -204,7 +204,7 @@ def capture_traced(detach=lambda array: array):
             captured["gates"].append((detach(x), x > 0))
         return _GENUINE["activation"](xp, name, x)
 
-    with mock.patch.object(lsh_module, "_hash", hashing), mock.patch.object(layers_module, "activation", activation):
+    with mock.patch.object(lsh_module, "compute_buckets", hashing), mock.patch.object(layers_module, "activation", activation):
         yield captured
 
 

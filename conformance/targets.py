@@ -55,7 +55,7 @@ def parse_specs(text: str | None) -> list[str]:
 
 def make_target(spec: str) -> tuple[Target | None, str | None]:
     """``(target, None)``, or ``(None, why it cannot run here)``."""
-    from reformer_core.backend import resolve_backend
+    from reformer_core._registry import resolve_backend
 
     jit = spec.endswith(JIT_SUFFIX)
     try:

@@ -9,6 +9,8 @@ from typing import Any
 
 import array_api_compat
 
+from ._registry import framework_of
+
 __all__ = [
     "namespace",
     "framework_of",
@@ -21,32 +23,8 @@ __all__ = [
     "floating_dtypes",
     "keep_mask",
     "check_flag",
+    "dropout",
 ]
-
-# Top-level module of an array type -> the framework name users know it by.
-_FRAMEWORK_BY_MODULE = {
-    "numpy": "numpy",
-    "torch": "torch",
-    "jax": "jax",
-    "jaxlib": "jax",
-    "cupy": "cupy",
-    "array_api_strict": "strict",
-}
-
-
-def framework_of(array: Any) -> str | None:
-    """Name of the framework that made ``array`` ('numpy', 'torch', ...), or None.
-
-    Looks only at the array's type, so it never imports a framework. Arrays of other
-    libraries that implement the standard (``__array_namespace__``) are named by their
-    top-level module, so third-party backends work too.
-    """
-    module = type(array).__module__.split(".", 1)[0]
-    known = _FRAMEWORK_BY_MODULE.get(module)
-    if known is None and hasattr(type(array), "__array_namespace__"):
-        return module
-    return known
-
 
 def namespace(*arrays: Any):
     """The Array API namespace shared by ``arrays`` (None entries are ignored).
@@ -177,3 +155,11 @@ def keep_mask(xp, attention_mask: Any, batch: int, length: int):
     raise TypeError(
         f"attention_mask must be bool or integer (1 = real token, 0 = padding), got {attention_mask.dtype}"
     )
+
+
+def dropout(xp, x: Any, keep: Any, rate: float):
+    """Inverted dropout with an explicit bool ``keep`` mask (None: identity). Linear, so it is
+    also its own vector-Jacobian product."""
+    if keep is None or rate == 0.0:
+        return x
+    return xp.where(keep, x * (1.0 / (1.0 - rate)), xp.zeros_like(x))

@@ -13,8 +13,8 @@ import operator
 import numpy as np
 from array_api_compat import numpy as np_xp
 
-from reformer_core.attend import SELF_MASK_VALUE
-from reformer_core.backends.numpy import NumpyBackend
+from reformer_core._attention.attend import SELF_MASK_VALUE
+from reformer_core.backends.numpy.adapter import NumpyBackend
 
 
 def _unwrap(value):

@@ -17,7 +17,6 @@ settings.register_profile("reformer-core-tests", derandomize=not os.environ.get(
 settings.load_profile("reformer-core-tests")
 
 import reformer_core as rc
-import reformer_core.backend as backend_module
 
 
 @pytest.fixture
@@ -50,9 +49,8 @@ def tiny_config() -> rc.ReformerConfig:
 
 @pytest.fixture
 def restore_backend(monkeypatch):
-    """Undo ``set_backend`` (the module global ``_default``) and ignore ``$REFORMER_BACKEND``."""
+    """No ``set_backend`` default before and after the test, and ``$REFORMER_BACKEND`` hidden."""
     monkeypatch.delenv("REFORMER_BACKEND", raising=False)
-    saved = backend_module._default
-    backend_module._default = None
+    rc.set_backend(None)
     yield
-    backend_module._default = saved
+    rc.set_backend(None)

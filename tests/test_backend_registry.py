@@ -1,7 +1,7 @@
 """Choosing a backend: the registry, process default, scoped override, environment, inference.
 
 Tests that change the process default use the ``restore_backend`` fixture (conftest), which
-resets ``reformer_core.backend._default`` and hides ``$REFORMER_BACKEND``.
+clears ``set_backend``'s default and hides ``$REFORMER_BACKEND``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import reformer_core as rc
-from reformer_core.tree import tree_leaves
+from reformer_core import tree_leaves
 
 pytestmark = pytest.mark.usefixtures("restore_backend")
 

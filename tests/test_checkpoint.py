@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import reformer_core as rc
-import reformer_core.checkpoint as checkpoint_module
-from reformer_core.tree import tree_map, tree_paths
+import reformer_core._io.checkpoint as checkpoint_module
+from reformer_core import tree_map, tree_paths
 
 pytestmark = pytest.mark.usefixtures("restore_backend")
 

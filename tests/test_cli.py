@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 import reformer_core
-from reformer_core import _bench
+from reformer_core.bench import harness
 from reformer_core._progress import Progress
 from reformer_core.cli import main
 
@@ -58,7 +58,7 @@ def test_bench_quick_writes_json_and_a_plot(tmp_path, capsys):
     assert "lsh x8" in out and "full" in out and "local" in out and "train step" in out and "fwd+bwd" in out
 
     report = json.loads(path.read_text())
-    assert report["schema"] == _bench.SCHEMA
+    assert report["schema"] == harness.SCHEMA
     assert report["settings"]["lengths"] == [128, 256]
     assert report["settings"]["repeats"] == 1
     assert report["settings"]["causal"] is True and report["settings"]["dtype"] == "float32"
@@ -74,36 +74,36 @@ def test_bench_quick_writes_json_and_a_plot(tmp_path, capsys):
         assert row["peak_memory_bytes"] > 0 and row["memory_kind"] == "host (tracemalloc)"
         assert row["time_vs_first"] is not None
         if row["kind"] == "lsh":
-            assert row["num_buckets"] == _bench.default_num_buckets(row["length"], 64)
+            assert row["num_buckets"] == harness.default_num_buckets(row["length"], 64)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_speed_figure_keeps_tokens_fixed(capsys):
-    settings = _bench.BenchSettings(lengths=(128, 256, 512), fixed_tokens=512, num_hashes=(1, 2), include_local=False,
+    settings = harness.BenchSettings(lengths=(128, 256, 512), fixed_tokens=512, num_hashes=(1, 2), include_local=False,
                                     include_train=False, passes=("forward",), repeats=1, measure_memory=False)
-    report = _bench.run_benchmark(settings)
+    report = harness.run_benchmark(settings)
     assert {(r["length"], r["batch"]) for r in report["results"]} == {(128, 4), (256, 2), (512, 1)}
-    text = _bench.format_report(report)
+    text = harness.format_report(report)
     assert "speed figure (512 tokens per step)" in text and "max/min" in text
 
 
 def test_bench_skips_over_memory_budget(capsys):
     # full attention at L=1024: 4 * 1024^2 * 2 heads * 4 bytes = 32 MiB > 0.02 GB
-    settings = _bench.BenchSettings(lengths=(256,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02,
+    settings = harness.BenchSettings(lengths=(256,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02,
                                     include_local=False, include_train=False)
-    report = _bench.run_benchmark(settings)
+    report = harness.run_benchmark(settings)
     assert {r["status"] for r in report["results"]} == {"ok"}
-    settings = _bench.BenchSettings(lengths=(1024,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02,
+    settings = harness.BenchSettings(lengths=(1024,), num_hashes=(1,), repeats=1, memory_budget_gb=0.02,
                                     include_local=False, include_train=False, passes=("forward",))
-    report = _bench.run_benchmark(settings)
+    report = harness.run_benchmark(settings)
     statuses = {r["method"]: r["status"] for r in report["results"]}
     assert statuses == {"lsh-1": "ok", "full": "skipped: memory"}
-    assert "skip memory" in _bench.format_report(report)
+    assert "skip memory" in harness.format_report(report)
 
 
 def test_bench_skips_when_time_budget_runs_out():
-    settings = _bench.BenchSettings(lengths=(128, 256), num_hashes=(1,), repeats=1, time_budget_s=1e-9)
-    report = _bench.run_benchmark(settings)
+    settings = harness.BenchSettings(lengths=(128, 256), num_hashes=(1,), repeats=1, time_budget_s=1e-9)
+    report = harness.run_benchmark(settings)
     assert {r["status"] for r in report["results"]} == {"skipped: time"}
 
 
@@ -136,7 +136,7 @@ def test_importing_the_cli_imports_no_framework():
         import sys
         import reformer_core
         import reformer_core.cli
-        import reformer_core._bench
+        import reformer_core.bench.harness
         import reformer_core._progress
         loaded = sorted(m for m in ("torch", "jax", "jaxlib", "cupy") if m in sys.modules)
         print(",".join(loaded))
@@ -209,18 +209,18 @@ def test_bench_quick_on_every_installed_cpu_backend(tmp_path, capsys):
 def test_bench_jit_specs():
     installed = reformer_core.available_backends()
     with pytest.raises(ValueError, match=r"numpy\+jit: backend 'numpy' cannot compile functions; drop \+jit"):
-        _bench.resolve_backends("numpy+jit")
+        harness.resolve_backends("numpy+jit")
     if "torch" in installed:
-        assert _bench.resolve_backends("torch,torch+jit") == ("torch", "torch+jit")
-        settings = _bench.BenchSettings(backends=("torch+jit",), lengths=(128,), num_hashes=(1,))
+        assert harness.resolve_backends("torch,torch+jit") == ("torch", "torch+jit")
+        settings = harness.BenchSettings(backends=("torch+jit",), lengths=(128,), num_hashes=(1,))
         # torch.compile cannot trace autograd.grad, so no compiled training-step row
-        assert [m.name for m in _bench.planned_methods("torch+jit", settings)] == ["lsh-1", "local", "full",
+        assert [m.name for m in harness.planned_methods("torch+jit", settings)] == ["lsh-1", "local", "full",
                                                                                    "native-full"]
-        assert [m.name for m in _bench.planned_methods("torch", settings)][-1] == "train"
+        assert [m.name for m in harness.planned_methods("torch", settings)][-1] == "train"
 
 
 def test_timings_wait_for_asynchronous_results():
     """The timer hands each result to ``synchronize``: JAX would otherwise time its dispatch only."""
     seen = []
-    first, times = _bench._time_calls(lambda: "result", lambda *arrays: seen.append(arrays), warmup=1, repeats=2)
+    first, times = harness.time_calls(lambda: "result", lambda *arrays: seen.append(arrays), warmup=1, repeats=2)
     assert seen == [("result",)] * 3 and len(times) == 2

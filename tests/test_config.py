@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import reformer_core as rc
-from reformer_core.config import rotation_size, total_buckets
+from reformer_core._config import rotation_size, total_buckets
 
 
 def is_power_of_two(n: int) -> bool:

@@ -59,9 +59,7 @@ def test_lsh_attention_matches_numpy():
 def test_training_step_stays_on_the_gpu():
     import cupy
 
-    from reformer_core.optim import Adam
-    from reformer_core.training import value_and_grad
-    from reformer_core.tree import tree_leaves
+    from reformer_core import Adam, tree_leaves, value_and_grad
 
     config = rc.ReformerConfig(vocab_size=16, d_model=16, num_heads=2, head_dim=8, d_ff=32,
                                attention_layers=("lsh", "local"), lsh_chunk_length=8, local_chunk_length=8,

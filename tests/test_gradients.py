@@ -28,12 +28,12 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import reformer_core as rc
-from reformer_core import attend as attend_module
-from reformer_core import layers
-from reformer_core.chunking import look_adjacent, look_adjacent_backward
-from reformer_core.full import full_attention_vjp
-from reformer_core.local import local_attention_vjp
-from reformer_core.lsh import combine_rounds, combine_rounds_backward, lsh_attention_vjp, lsh_with_buckets
+from reformer_core import full_attention_vjp, local_attention_vjp, lsh_attention_vjp
+from reformer_core._attention import attend as attend_module
+from reformer_core._attention.chunking import look_adjacent, look_adjacent_backward
+from reformer_core._attention.lsh import lsh_with_buckets
+from reformer_core._attention.rounds import combine_rounds, combine_rounds_backward
+from reformer_core._model import layers
 
 import gradcheck
 from gradcheck import check_vjp, fast, keep_mask, padding_mask, seeds

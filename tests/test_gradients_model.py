@@ -16,11 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reformer_core as rc
-import reformer_core.lsh as lsh_module
-from reformer_core import blocks, embedding, layers, model, training
-from reformer_core.autodiff import rule_vjp
-from reformer_core.reversible import reversible_backward, stored_backward
-from reformer_core.tree import tree_map, tree_map_with_path, tree_paths
+from reformer_core import reversible_backward, stored_backward, tree_map, tree_map_with_path, tree_paths
+from reformer_core._attention import lsh as lsh_module
+from reformer_core._model import blocks, embedding, layers, training
+from reformer_core._model import lm as model
+from reformer_core._model.autodiff import rule_vjp
 
 import gradcheck
 from gradcheck import NUMPY, assert_same_structure, check_vjp, fast, keep_mask, padding_mask, seeds
@@ -214,14 +214,14 @@ def test_cross_entropy_loss_vjp(batch, length, vocab, weights, seed):
 def recorded_buckets():
     """Record every LSH bucket array the library computes inside the ``with`` statement."""
     seen = []
-    real = lsh_module._hash
+    real = lsh_module.compute_buckets
 
     def spy(*args, **kwargs):
         buckets = real(*args, **kwargs)
         seen.append(buckets)
         return buckets
 
-    with mock.patch.object(lsh_module, "_hash", spy):
+    with mock.patch.object(lsh_module, "compute_buckets", spy):
         yield seen
 
 

@@ -21,9 +21,9 @@ jnp = pytest.importorskip("jax.numpy")
 import jax.test_util  # noqa: E402  (not imported by `import jax`)
 
 import reformer_core as rc  # noqa: E402
-from reformer_core.backends import jax_model  # noqa: E402
-from reformer_core.optim import Adam  # noqa: E402
-from reformer_core.training import value_and_grad  # noqa: E402
+from reformer_core import Adam, value_and_grad  # noqa: E402
+from reformer_core._model.lm import embed  # noqa: E402
+from reformer_core.backends.jax import model as jax_model  # noqa: E402
 
 LENGTH, BATCH = 16, 2
 
@@ -43,7 +43,7 @@ def _max_diff(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def backend():
-    from reformer_core.backend import resolve_backend
+    from reformer_core._registry import resolve_backend
 
     return resolve_backend("jax")
 
@@ -189,7 +189,7 @@ def test_jitted_step_resamples_rotations_per_step(backend, data):
 
     @jax.jit
     def buckets_of_first_layer(params, tokens, rotations):
-        x = rc.model.embed(jnp, params["embedding"], tokens, config)
+        x = embed(jnp, params["embedding"], tokens, config)
         return rc.hash_vectors(x[:, None, :, :4], rotations[0][:1], 4)
 
     for number in (0, 1, 0):
@@ -334,7 +334,7 @@ SHARDED = """
     import jax
     from jax.sharding import Mesh
     import reformer_core as rc
-    from reformer_core.backends import jax_model
+    from reformer_core.backends.jax import model as jax_model
 
     assert len(jax.devices()) == 2, jax.devices()
     config = rc.ReformerConfig(vocab_size=16, d_model=8, num_heads=2, head_dim=4, d_ff=16,

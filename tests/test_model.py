@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import reformer_core as rc
-from reformer_core.embedding import axial_positional_embedding
-from reformer_core.layers import apply_in_chunks, layer_norm
-from reformer_core.blocks import feed_forward_block
+from reformer_core._model.embedding import axial_positional_embedding
+from reformer_core._model.layers import apply_in_chunks, layer_norm
+from reformer_core._model.blocks import feed_forward_block
 
 
 def config(**changes):
@@ -95,7 +95,7 @@ def test_apply_in_chunks_calls_fn_on_bounded_pieces():
 
 @pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "silu"])
 def test_activations(activation):
-    from reformer_core.layers import activation as act
+    from reformer_core._model.layers import activation as act
 
     x = np.linspace(-3, 3, 13)
     expected = {

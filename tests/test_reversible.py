@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 
 import reformer_core as rc
-from reformer_core.blocks import reversible_layers
-from reformer_core.model import sample_dropout_masks, sample_rotations
-from reformer_core.backend import get_backend
-from reformer_core.tree import tree_map_with_path
+from reformer_core import get_backend, sample_dropout_masks, sample_rotations, tree_map_with_path
+from reformer_core._model.blocks import reversible_layers
 
 
 def twelve_layer_config(**changes):

@@ -11,8 +11,9 @@ import pytest
 array_api_strict = pytest.importorskip("array_api_strict")
 
 import reformer_core as rc  # noqa: E402
-from reformer_core import _arrays  # noqa: E402
-from reformer_core.backend import use_backend  # noqa: E402
+from reformer_core import use_backend  # noqa: E402
+from reformer_core._arrays import device_of  # noqa: E402
+from reformer_core._registry import framework_of  # noqa: E402
 
 DEVICES = ["CPU_DEVICE", "device1"]
 
@@ -22,8 +23,8 @@ def to_strict(backend, *arrays):
 
 
 def assert_on(backend, array):
-    assert _arrays.framework_of(array) == "strict"
-    assert str(_arrays.device_of(array)) == str(backend.device)
+    assert framework_of(array) == "strict"
+    assert str(device_of(array)) == str(backend.device)
 
 
 @pytest.fixture(params=DEVICES)
@@ -119,8 +120,8 @@ def test_model_apply_and_loss(strict, dropout_seed):
 
 def test_reversible_inverse(strict):
     config = small_config(hidden_dropout=0.0, attention_dropout=0.0)
-    from reformer_core.blocks import reversible_layers
-    from reformer_core.model import sample_rotations
+    from reformer_core import sample_rotations
+    from reformer_core._model.blocks import reversible_layers
 
     x = strict.from_numpy(np.random.default_rng(0).standard_normal((2, 32, 16)))
     params = rc.init_params(config, 0, dtype="float64")
@@ -135,9 +136,7 @@ def test_reversible_inverse(strict):
 def test_training_step_keeps_every_array_on_the_device(strict):
     """A value_and_grad + Adam step on strict's device: gradients, moments and new parameters all
     stay there (a silent move to NumPy or to another device fails here, without a GPU)."""
-    from reformer_core.optim import Adam
-    from reformer_core.training import value_and_grad
-    from reformer_core.tree import tree_leaves
+    from reformer_core import Adam, tree_leaves, value_and_grad
 
     config = small_config(hidden_dropout=0.1, attention_dropout=0.1)
     params = rc.init_params(config, 0)

@@ -14,10 +14,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch (pip install 'reformer-core[torch]')")
 
 import reformer_core as rc  # noqa: E402
-from reformer_core.backend import resolve_backend  # noqa: E402
-from reformer_core.backends.torch_nn import ReformerLM, reversible_stack, step_seed  # noqa: E402
-from reformer_core.training import value_and_grad  # noqa: E402
-from reformer_core.tree import tree_leaves, tree_map, tree_paths  # noqa: E402
+from reformer_core import tree_leaves, tree_map, tree_paths, value_and_grad  # noqa: E402
+from reformer_core._registry import resolve_backend  # noqa: E402
+from reformer_core.backends.torch.nn import ReformerLM, reversible_stack, step_seed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 
 import reformer_core as rc
-from reformer_core._memory import feed_forward_backward_memory, memory_vs_depth
+from reformer_core import Adam, warmup_inverse_sqrt
+from reformer_core.bench.copy_task import (
+    CopyTaskSettings,
+    copy_task_accuracy,
+    copy_task_batch,
+    copy_task_targets,
+    train_copy_task,
+)
+from reformer_core.bench.depth import feed_forward_backward_memory, memory_vs_depth
 from reformer_core.cli import main
-from reformer_core.optim import Adam, warmup_inverse_sqrt
-from reformer_core.tasks import copy_task_accuracy, copy_task_batch, copy_task_targets
-from reformer_core.train import CopyTaskSettings, train_copy_task
 
 
 def test_adam_matches_the_textbook_update():

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import reformer_core as rc
-from reformer_core.backends.torch_nn import ReformerLM
+from reformer_core.backends.torch.nn import ReformerLM
 
 CONFIG = rc.ReformerConfig(vocab_size=16, d_model=8, num_heads=2, head_dim=4, d_ff=16,
                            attention_layers=("lsh", "local"), num_hashes=2, num_buckets=4, lsh_chunk_length=4,

@@ -1,0 +1,42 @@
+"""``reformer-core check``: its arguments and how it runs (the suite runs in :mod:`.check`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reformer_core.cli import write_json
+
+from .check import format_table, run_suite, summarise
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Runs `pytest --pyargs reformer_core.conformance` and prints, per backend, dtype and "
+                          "component, the largest forward and gradient errors against the oracle, and pass/fail.")
+    parser.add_argument("--backends", metavar="LIST",
+                        help="comma-separated backend specs (default: every installed CPU backend), "
+                             "e.g. numpy,strict,torch,torch:cuda,jax,jax:gpu,cupy,package.module:Adapter")
+    parser.add_argument("--max-examples", type=int, metavar="N", help="hypothesis examples per test (default 10)")
+    parser.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """``reformer-core check``."""
+    completed, rows = run_suite(args.backends, args.max_examples)
+    summary = summarise(rows)
+    print(format_table(summary) if summary else "no comparisons ran (are the selected backends installed?)")
+    skipped = [line for line in completed.stdout.splitlines() if "SKIPPED" in line or "skipped" in line]
+    tail = completed.stdout.strip().splitlines()[-1:] if completed.stdout.strip() else []
+    for line in tail:
+        print(f"pytest: {line}")
+    if completed.returncode not in (0, 5):
+        print(completed.stdout[-4000:], file=sys.stderr)
+        print(completed.stderr[-2000:], file=sys.stderr)
+    if args.json:
+        write_json(args.json, {"schema": "reformer-core-check/1", "backends": args.backends,
+                               "max_examples": args.max_examples, "exit_code": completed.returncode,
+                               "summary": summary, "skipped": skipped})
+    failed = completed.returncode != 0 or any(e["failed"] for e in summary)
+    return 1 if failed else 0

@@ -1,0 +1,460 @@
+"""Checkpoints: parameters, config, optimizer state and metadata in one ``.npz`` file.
+
+On-disk layout (a plain NumPy ``.npz`` archive, uncompressed, no pickled objects):
+
+==================  =====================================================================
+``__format__``      uint8 UTF-8 text ``"reformer-core-checkpoint/1"``
+``__config__``      uint8 UTF-8 JSON of ``config.to_dict()``
+``__metadata__``    uint8 UTF-8 JSON of the user's metadata dict
+``__structure__``   uint8 UTF-8 JSON ``{"params": tree, "optimizer": tree or null}``; a tree is
+                    a JSON object (dict), a JSON array (list) or a leaf kind: ``"array"``,
+                    ``"int"``, ``"float"``, ``"bool"``, ``"none"``
+``params/<path>``   one array per parameter leaf, e.g. ``params/layers/0/attention/qk``
+``optimizer/<path>`` one array per optimizer-state leaf; python scalars as 0-d arrays
+==================  =====================================================================
+
+Paths are those of the pytree helpers (``layers/0/attention/qk``). The file can be inspected with
+``numpy.load(path, allow_pickle=False)`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import zipfile
+import zlib
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._arrays import framework_of
+from .._config import ReformerConfig
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "reformer-core-checkpoint"
+FORMAT_VERSION = 1
+
+_FORMAT_KEY = "__format__"
+_CONFIG_KEY = "__config__"
+_METADATA_KEY = "__metadata__"
+_STRUCTURE_KEY = "__structure__"
+_SPECIAL_KEYS = (_FORMAT_KEY, _CONFIG_KEY, _METADATA_KEY, _STRUCTURE_KEY)
+_PARAMS = "params"
+_OPTIMIZER = "optimizer"
+_SCALAR_KINDS = ("int", "float", "bool")
+_LEAF_KINDS = ("array", "none", *_SCALAR_KINDS)
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`load_checkpoint` returns."""
+
+    params: dict
+    config: ReformerConfig
+    optimizer_state: Any
+    metadata: dict
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: dict,
+    config: ReformerConfig,
+    *,
+    optimizer_state: Any = None,
+    metadata: dict | None = None,
+) -> None:
+    """Write ``params`` (and optionally optimizer state and metadata) to one ``.npz`` file.
+
+    Args:
+        path: the file to write, used exactly as given (no suffix is added). It is written
+            atomically: a temporary file in the same folder, then ``os.replace``, so a
+            crash never leaves a half-written checkpoint at ``path``.
+        params: the parameter pytree of ``config`` (from :func:`init_params` or training),
+            on any backend; arrays are copied to the host with their backend's ``to_numpy``.
+        config: the :class:`ReformerConfig` the params belong to (checked with
+            ``check_params``).
+        optimizer_state: a pytree of dicts and lists whose leaves are arrays, python
+            ints/floats/bools (e.g. a step count) or None.
+        metadata: a JSON-serialisable dict (str keys), e.g. ``{"step": 1000, "loss": 2.1}``.
+
+    Dtypes are kept exactly. A leaf NumPy cannot store losslessly (bfloat16) raises
+    TypeError: cast it to float32 first.
+    """
+    from .._model.lm import check_params
+
+    if not isinstance(config, ReformerConfig):
+        raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
+    check_params(params, config)
+    metadata_text = _metadata_json({} if metadata is None else metadata)
+
+    arrays: dict[str, np.ndarray] = {}
+    structure = {
+        _PARAMS: _flatten(params, _PARAMS, arrays, allow_scalars=False),
+        _OPTIMIZER: None if optimizer_state is None else _flatten(optimizer_state, _OPTIMIZER, arrays),
+    }
+    arrays[_FORMAT_KEY] = _text_array(f"{FORMAT_NAME}/{FORMAT_VERSION}")
+    arrays[_CONFIG_KEY] = _text_array(json.dumps(config.to_dict(), sort_keys=True))
+    arrays[_METADATA_KEY] = _text_array(metadata_text)
+    arrays[_STRUCTURE_KEY] = _text_array(json.dumps(structure))
+    _write_atomically(os.fspath(path), arrays)
+
+
+def _metadata_json(metadata: Any) -> str:
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict of JSON data, got {type(metadata).__name__}")
+    try:
+        text = json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"metadata must be JSON data (dicts, lists, str, finite numbers, bool, None): {error}"
+        ) from None
+    if json.loads(text) != metadata:
+        raise TypeError(
+            "metadata does not survive JSON unchanged (tuples become lists, non-str keys become str); "
+            "use lists and str keys"
+        )
+    return text
+
+
+def _text_array(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}" if prefix else key
+
+
+def _flatten(tree: Any, key: str, arrays: dict, *, allow_scalars: bool = True) -> Any:
+    """Fill ``arrays`` with the host arrays of ``tree``'s leaves; return its structure (JSON)."""
+    if isinstance(tree, dict):
+        structure = {}
+        for name, subtree in tree.items():
+            if not isinstance(name, str) or not name or "/" in name:
+                raise TypeError(
+                    f"{key}: dict keys must be non-empty str without '/', got {name!r}; "
+                    f"checkpoints name leaves by their path"
+                )
+            structure[name] = _flatten(subtree, _join(key, name), arrays, allow_scalars=allow_scalars)
+        return structure
+    if isinstance(tree, list):
+        return [_flatten(t, _join(key, str(i)), arrays, allow_scalars=allow_scalars) for i, t in enumerate(tree)]
+    if allow_scalars:
+        if tree is None:
+            return "none"
+        if isinstance(tree, bool):
+            arrays[key] = np.asarray(tree, dtype=np.bool_)
+            return "bool"
+        if isinstance(tree, int):
+            try:
+                arrays[key] = np.asarray(tree, dtype=np.int64)
+            except OverflowError:
+                raise TypeError(f"{key}: int {tree} does not fit in int64; store it as a float") from None
+            return "int"
+        if isinstance(tree, float):
+            arrays[key] = np.asarray(tree, dtype=np.float64)
+            return "float"
+    arrays[key] = _to_host(key, tree)
+    return "array"
+
+
+def _to_host(key: str, leaf: Any) -> np.ndarray:
+    """A host NumPy copy of an array leaf, refusing anything NumPy cannot store exactly."""
+    dtype_name = str(getattr(leaf, "dtype", ""))
+    if "bfloat16" in dtype_name:
+        raise TypeError(
+            f"{key} has dtype bfloat16, which NumPy (and so a .npz checkpoint) cannot store exactly; "
+            f"cast the arrays to float32 first (no silent conversion)"
+        )
+    if isinstance(leaf, (np.ndarray, np.generic)):
+        host = np.asarray(leaf)
+    elif framework_of(leaf) is not None:
+        from .._registry import backend_for
+
+        host = np.asarray(backend_for(leaf).to_numpy(leaf))
+    else:
+        raise TypeError(
+            f"{key} is a {type(leaf).__name__}; checkpoint leaves must be arrays "
+            f"(or python int/float/bool/None in the optimizer state); use lists, not tuples"
+        )
+    if host.dtype.kind not in "biufc" or np.dtype(host.dtype.str) != host.dtype:
+        raise TypeError(
+            f"{key} has dtype {host.dtype}, which a .npz checkpoint cannot store exactly; "
+            f"cast it to float32 (or another standard NumPy dtype) first"
+        )
+    return host
+
+
+def _write_atomically(path: str, arrays: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save checkpoint {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot save checkpoint {path}: it is a folder; give a file name such as model.npz")
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    # os.open with mode 0o666 lets the umask decide the permissions, like a plain open().
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            _write_npz(file, arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.remove(temp)
+        except OSError:
+            pass
+        raise
+    _fsync_folder(folder)
+
+
+def _write_npz(file, arrays: dict) -> None:
+    np.savez(file, allow_pickle=False, **arrays)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename durable where the OS allows it (POSIX); best effort elsewhere."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    config: ReformerConfig | None = None,
+    backend: Any = None,
+    dtype: Any = None,
+) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the ``.npz`` file.
+        config: when given, it must equal the stored config (ValueError naming the
+            differing fields otherwise).
+        backend: where to put the arrays: a name (``"numpy"``, ``"strict:device1"``) or a
+            backend object; default ``get_backend()``.
+        dtype: cast floating arrays (params and optimizer state) to this dtype; default:
+            keep the stored dtypes. Integer and bool leaves keep theirs.
+
+    Returns:
+        ``Checkpoint(params, config, optimizer_state, metadata)``; python scalars of the
+        optimizer state come back as python ints/floats/bools.
+
+    Raises ValueError naming the file for anything wrong with it: not a readable ``.npz``,
+    truncated or corrupted, pickled objects inside, missing or unknown format marker,
+    missing or unexpected leaves, params that do not fit the stored config.
+    """
+    from .._registry import resolve_backend
+    from .._model.lm import check_params
+
+    name = os.fspath(path)
+    if config is not None and not isinstance(config, ReformerConfig):
+        raise TypeError(f"config must be a ReformerConfig or None, got {type(config).__name__}")
+    target = resolve_backend(backend)
+    if dtype is not None:
+        target.dtype(dtype)  # unknown dtype names fail here, before reading the file
+
+    arrays = _read_npz(name)
+    _check_format(name, arrays)
+    stored_config = _stored_config(name, arrays)
+    if config is not None and config != stored_config:
+        raise ValueError(_config_difference(name, stored_config, config))
+    metadata = _json_entry(name, arrays, _METADATA_KEY) if _METADATA_KEY in arrays else {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"checkpoint {name}: {_METADATA_KEY} is not a JSON object")
+    structure = _json_entry(name, arrays, _STRUCTURE_KEY)
+    if not isinstance(structure, dict) or set(structure) != {_PARAMS, _OPTIMIZER}:
+        raise ValueError(f"checkpoint {name}: {_STRUCTURE_KEY} must hold 'params' and 'optimizer' trees")
+
+    expected: dict[str, str] = {}
+    _leaf_kinds(name, structure[_PARAMS], _PARAMS, expected)
+    if structure[_OPTIMIZER] is not None:
+        _leaf_kinds(name, structure[_OPTIMIZER], _OPTIMIZER, expected)
+    present = set(arrays) - set(_SPECIAL_KEYS)
+    needed = {key for key, kind in expected.items() if kind != "none"}
+    missing, extra = sorted(needed - present), sorted(present - needed)
+    if missing:
+        raise ValueError(f"checkpoint {name} is missing leaves {_listing(missing)}; the file is incomplete or damaged")
+    if extra:
+        raise ValueError(f"checkpoint {name} has unexpected entries {_listing(extra)}, not in its {_STRUCTURE_KEY}")
+    for key in needed:
+        if arrays[key].dtype.kind not in "biufc":
+            raise ValueError(f"checkpoint {name}: {key} has unsupported dtype {arrays[key].dtype}")
+
+    host_params = _rebuild(name, structure[_PARAMS], _PARAMS, arrays, lambda a: a)
+    if not isinstance(host_params, dict):
+        raise ValueError(f"checkpoint {name}: params must be a dict of arrays, got a {type(host_params).__name__}")
+    try:
+        check_params(host_params, stored_config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint {name}: {error}") from None
+
+    def place(host: np.ndarray):
+        cast = dtype if dtype is not None and host.dtype.kind in "fc" else None
+        return target.from_numpy(host, dtype=cast)
+
+    params = _rebuild(name, structure[_PARAMS], _PARAMS, arrays, place)
+    optimizer_state = (
+        None if structure[_OPTIMIZER] is None else _rebuild(name, structure[_OPTIMIZER], _OPTIMIZER, arrays, place)
+    )
+    return Checkpoint(params=params, config=stored_config, optimizer_state=optimizer_state, metadata=metadata)
+
+
+def _unreadable(name: str, why: str) -> ValueError:
+    return ValueError(
+        f"{name} is not a readable reformer-core checkpoint ({why}); "
+        f"it may be truncated, corrupted, or not a file written by save_checkpoint"
+    )
+
+
+def _read_npz(name: str) -> dict[str, np.ndarray]:
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"checkpoint file {name} does not exist")
+    if os.path.isdir(name):
+        raise ValueError(f"checkpoint {name} is a folder, not a .npz file")
+    try:
+        with open(name, "rb") as file:
+            magic = file.read(4)
+    except OSError as error:
+        raise _unreadable(name, f"cannot read it: {error}") from None
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise _unreadable(name, "not a .npz (zip) archive")
+    try:
+        with np.load(name, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError as error:
+        if "pickle" in str(error):
+            raise ValueError(
+                f"checkpoint {name} contains pickled Python objects; reformer-core checkpoints never do, "
+                f"and loading pickles can run arbitrary code, so it is refused"
+            ) from None
+        raise _unreadable(name, str(error)) from None
+    except _READ_ERRORS as error:
+        raise _unreadable(name, f"{type(error).__name__}: {error}") from None
+
+
+# What a damaged or foreign zip can raise while numpy reads it (besides ValueError).
+_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error, NotImplementedError, KeyError)
+
+
+def _text_entry(name: str, arrays: dict, key: str) -> str:
+    if key not in arrays:
+        raise ValueError(f"checkpoint {name} has no {key} entry; it was not written by save_checkpoint")
+    entry = arrays[key]
+    if entry.dtype != np.uint8 or entry.ndim != 1:
+        raise ValueError(
+            f"checkpoint {name}: {key} must be a 1-d uint8 array of UTF-8 text, got {entry.dtype} {entry.shape}"
+        )
+    try:
+        return entry.tobytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"checkpoint {name}: {key} is not UTF-8 text") from None
+
+
+def _json_entry(name: str, arrays: dict, key: str) -> Any:
+    text = _text_entry(name, arrays, key)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"checkpoint {name}: {key} is not valid JSON ({error})") from None
+
+
+def _check_format(name: str, arrays: dict) -> None:
+    if _FORMAT_KEY not in arrays:
+        raise ValueError(
+            f"{name} has no {_FORMAT_KEY} entry: it is an .npz file, but not a reformer-core checkpoint "
+            f"(write checkpoints with reformer_core.save_checkpoint)"
+        )
+    marker = _text_entry(name, arrays, _FORMAT_KEY)
+    format_name, _, version = marker.rpartition("/")
+    if format_name != FORMAT_NAME or not version.isdigit():
+        raise ValueError(
+            f"checkpoint {name} has unknown format {marker!r}; expected '{FORMAT_NAME}/{FORMAT_VERSION}'"
+        )
+    if int(version) != FORMAT_VERSION:
+        newer = int(version) > FORMAT_VERSION
+        raise ValueError(
+            f"checkpoint {name} has format version {version}, this reformer-core reads version {FORMAT_VERSION}"
+            + ("; upgrade reformer-core to read it" if newer else "")
+        )
+
+
+def _stored_config(name: str, arrays: dict) -> ReformerConfig:
+    data = _json_entry(name, arrays, _CONFIG_KEY)
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint {name}: {_CONFIG_KEY} is not a JSON object")
+    try:
+        return ReformerConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint {name} holds an invalid config: {error}") from None
+
+
+def _config_difference(name: str, stored: ReformerConfig, given: ReformerConfig) -> str:
+    stored_dict, given_dict = stored.to_dict(), given.to_dict()
+    fields = [f for f in stored_dict if stored_dict[f] != given_dict[f]]
+    listing = "; ".join(f"{f}: file has {stored_dict[f]!r}, given {given_dict[f]!r}" for f in fields)
+    return (
+        f"checkpoint {name} was saved with a different config ({listing}); "
+        f"pass config=None to use the stored one"
+    )
+
+
+def _listing(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
+
+
+def _leaf_kinds(name: str, structure: Any, key: str, out: dict) -> None:
+    """``out[key] = kind`` for every leaf of a stored structure (validating it)."""
+    if isinstance(structure, dict):
+        for child, sub in structure.items():
+            if not child or "/" in child:
+                raise ValueError(f"checkpoint {name}: {_STRUCTURE_KEY} has an invalid key {child!r} under {key}")
+            _leaf_kinds(name, sub, _join(key, child), out)
+    elif isinstance(structure, list):
+        for i, sub in enumerate(structure):
+            _leaf_kinds(name, sub, _join(key, str(i)), out)
+    elif structure in _LEAF_KINDS:
+        out[key] = structure
+    else:
+        raise ValueError(f"checkpoint {name}: {_STRUCTURE_KEY} has an unknown leaf {structure!r} at {key}")
+
+
+def _rebuild(name: str, structure: Any, key: str, arrays: dict, place) -> Any:
+    if isinstance(structure, dict):
+        return {child: _rebuild(name, sub, _join(key, child), arrays, place) for child, sub in structure.items()}
+    if isinstance(structure, list):
+        return [_rebuild(name, sub, _join(key, str(i)), arrays, place) for i, sub in enumerate(structure)]
+    if structure == "none":
+        return None
+    host = arrays[key]
+    if structure == "array":
+        return place(host)
+    if host.ndim != 0:
+        raise ValueError(f"checkpoint {name}: {key} should be a scalar ({structure}), got shape {host.shape}")
+    if structure == "bool":
+        if host.dtype != np.bool_:
+            raise ValueError(f"checkpoint {name}: {key} should be a bool, got dtype {host.dtype}")
+        return bool(host)
+    if structure == "int":
+        if host.dtype.kind not in "iu":
+            raise ValueError(f"checkpoint {name}: {key} should be an int, got dtype {host.dtype}")
+        return int(host)
+    if host.dtype.kind != "f":
+        raise ValueError(f"checkpoint {name}: {key} should be a float, got dtype {host.dtype}")
+    return float(host)

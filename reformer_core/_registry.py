@@ -1,0 +1,213 @@
+"""Choosing a backend: process default, scoped override, environment variable, or the inputs.
+
+Resolution order for :func:`get_backend`: the innermost :func:`use_backend` block, then
+:func:`set_backend`, then ``$REFORMER_BACKEND``, then NumPy. The registry is the list of
+adapter classes in ``reformer_core.backends.ADAPTERS``; each declares its name, framework,
+array modules and extra once. Adapter modules import no framework, and an adapter is only
+instantiated (and its framework imported) when first used, so ``import reformer_core``
+imports no framework.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Any, Iterator
+
+__all__ = [
+    "set_backend",
+    "use_backend",
+    "get_backend",
+    "available_backends",
+    "known_backends",
+    "backend_for",
+    "resolve_backend",
+    "adapter_class",
+    "framework_of",
+    "install_hint",
+]
+
+_default = None  # set by set_backend
+_instances: dict = {}  # (name, device spec) -> backend; adapters hold no mutable state
+_scoped: contextvars.ContextVar = contextvars.ContextVar("reformer_core_backend", default=None)
+
+
+@functools.lru_cache(maxsize=1)
+def _adapters() -> dict[str, type]:
+    from .backends import ADAPTERS
+
+    return {cls.name: cls for cls in ADAPTERS}
+
+
+@functools.lru_cache(maxsize=1)
+def _by_array_module() -> dict[str, str]:
+    return {module: cls.name for cls in _adapters().values() for module in cls.array_modules}
+
+
+def known_backends() -> tuple[str, ...]:
+    """Every backend name reformer_core knows, installed or not."""
+    return tuple(_adapters())
+
+
+def adapter_class(name: str) -> type:
+    """The adapter class registered as ``name`` (ValueError listing the known names)."""
+    try:
+        return _adapters()[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_adapters())}") from None
+
+
+def install_hint(name: str) -> str:
+    """The command that installs backend ``name``'s framework."""
+    cls = adapter_class(name)
+    return f"pip install 'reformer-core[{cls.extra}]'" if cls.extra else f"pip install {cls.framework}"
+
+
+def _installed(cls: type) -> bool:
+    return importlib.util.find_spec(cls.framework) is not None  # finds, does not import
+
+
+def available_backends() -> tuple[str, ...]:
+    """Backends whose framework is installed (checked without importing it)."""
+    return tuple(name for name, cls in _adapters().items() if _installed(cls))
+
+
+def framework_of(array: Any) -> str | None:
+    """Backend name of the framework that made ``array`` ('numpy', 'torch', 'strict', ...), or None.
+
+    Looks only at the array's type, so it never imports a framework. Arrays of other
+    libraries that implement the standard (``__array_namespace__``) are named by their
+    top-level module, so third-party backends work too.
+    """
+    module = type(array).__module__.split(".", 1)[0]
+    known = _by_array_module().get(module)
+    if known is None and hasattr(type(array), "__array_namespace__"):
+        return module
+    return known
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    name, sep, device = spec.partition(":")
+    return name.strip().lower(), (device.strip() or None) if sep else None
+
+
+def _make(name: Any, device: Any = None):
+    from .backends import Backend
+
+    if isinstance(name, Backend):  # a backend object (e.g. a third-party adapter)
+        if device is not None:
+            raise ValueError("give the device to the adapter's constructor, not alongside a backend object")
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a string such as 'numpy', got {name!r}")
+    if ":" in name and name.partition(":")[0].strip().lower() not in _adapters():
+        return _import_adapter(name, device)  # "package.module:ClassName"
+    base, spec_device = _split_spec(name)
+    if spec_device is not None and device is not None:
+        raise ValueError(f"backend {name!r} already names a device; do not also pass device={device!r}")
+    device = spec_device if device is None else device
+    cls = adapter_class(base)
+    if not _installed(cls):
+        raise ValueError(f"backend {base!r} needs {cls.framework}, which is not installed; run {install_hint(base)}")
+    key = (base, None if device is None else str(device))
+    cached = _instances.get(key)
+    if cached is None:
+        cached = _instances[key] = cls(device)
+    return cached
+
+
+def _import_adapter(spec: str, device: Any):
+    """A third-party adapter named ``"package.module:ClassName"`` (optionally ``"...:ClassName:device"``)."""
+    module_name, _, rest = spec.partition(":")
+    class_name, _, spec_device = rest.partition(":")
+    if not class_name:
+        raise ValueError(f"adapter {spec!r} must be given as 'package.module:ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot load adapter {spec!r}: {error}") from None
+    return cls(device if device is not None else (spec_device or None))
+
+
+def set_backend(name: Any, device: Any = None):
+    """Make ``name`` the process-wide default backend.
+
+    ``name`` is a registered name (``"numpy"``), optionally with a device (``"torch:cuda"``),
+    a third-party adapter's import path (``"package.module:ClassName"``), or a backend object;
+    None clears the default, so ``$REFORMER_BACKEND`` (or NumPy) applies again.
+
+    Returns the backend object (None when cleared). ``use_backend`` blocks still take
+    precedence inside them.
+    """
+    global _default
+    if name is None:
+        if device is not None:
+            raise ValueError("set_backend(None) clears the default; it takes no device")
+        _default = None
+        return None
+    _default = _make(name, device)
+    return _default
+
+
+@contextlib.contextmanager
+def use_backend(name: Any, device: Any = None) -> Iterator[Any]:
+    """Use ``name`` inside a ``with`` block (per thread and per asyncio task)."""
+    backend = _make(name, device)
+    token = _scoped.set(backend)
+    try:
+        yield backend
+    finally:
+        _scoped.reset(token)
+
+
+def get_backend():
+    """The backend in force: ``use_backend`` > ``set_backend`` > ``$REFORMER_BACKEND`` > numpy."""
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
+    if _default is not None:
+        return _default
+    env = os.environ.get("REFORMER_BACKEND")
+    if env:
+        return _make(env)
+    return _make("numpy")
+
+
+def backend_for(*arrays: Any):
+    """The backend that owns ``arrays``, on their device (TypeError when frameworks are mixed)."""
+    from ._arrays import check_same_device, device_of, namespace
+
+    present = [a for a in arrays if a is not None]
+    namespace(*present)  # raises on mixing and on non-arrays
+    check_same_device({f"arrays[{i}]": a for i, a in enumerate(present)})  # no silent pick of one device
+    framework = framework_of(present[0])
+    current = get_backend()
+    device = device_of(present[0])
+    if current.owns(present[0]) and str(current.device) == str(device):
+        return current
+    if framework not in _adapters():
+        raise TypeError(
+            f"no registered backend owns arrays of {framework!r}; select its adapter with "
+            f"reformer_core.use_backend(adapter) or set_backend('package.module:AdapterClass')"
+        )
+    return _make(framework, device)
+
+
+def resolve_backend(backend: Any = None):
+    """A backend object from None (``get_backend()``), a name/``"name:device"``, or a backend."""
+    from .backends import Backend
+
+    if backend is None:
+        return get_backend()
+    if isinstance(backend, str):
+        return _make(backend)
+    if not isinstance(backend, Backend):
+        raise TypeError(
+            f"backend must be a name such as 'numpy' or 'strict:device1', or a backend object "
+            f"(reformer_core.get_backend()); got {type(backend).__name__} {backend!r}"
+        )
+    return backend
