@@ -40,6 +40,8 @@ class Backend:
             torch.compile cannot trace ``torch.autograd.grad``).
         native_attention_linear_memory: whether ``native_full_attention`` runs without an
             ``L x L`` array (flash-style), so the benchmarks need not budget for one.
+        native_lsh_attention: whether ``lsh_chunk_attention`` is implemented; the core then
+            runs it by default for LSH attention (``reformer_core.standard_path()`` turns it off).
 
     ``capabilities`` is a property: feature flags such as ``{"float64", "autodiff", "gpu",
     "jit", "native-attention", "tracemalloc"}`` for this device (some depend on the device or
@@ -53,6 +55,7 @@ class Backend:
     autodiff: bool = False
     jit_traces_vjp: bool = True
     native_attention_linear_memory: bool = False
+    native_lsh_attention: bool = False
 
     def __init__(self, device: Any = None) -> None:
         self.device = self.default_device() if device is None else self.parse_device(device)
@@ -140,6 +143,18 @@ class Backend:
         semantics (no shared-QK key normalisation, no self mask). Only where
         ``"native-attention"`` is in ``capabilities``."""
         raise NotImplementedError(f"backend {self.name!r} has no native attention kernel")
+
+    @staticmethod
+    def lsh_chunk_attention(qk: Any, v: Any, perm: Any, undo: Any, *, key_keep: Any, logit_bias: Any,
+                            dropout_keep: Any, dropout_rate: float, chunk_length: int, num_chunks_before: int,
+                            num_chunks_after: int, causal: bool) -> Any:
+        """The native kernel for LSH attention after hashing and sorting: the core's
+        ``lsh_with_buckets`` semantics from ``perm``/``undo`` (``sort_by_bucket``) on, returning
+        the rounds combined, ``(batch, heads, length, head_dim)``, differentiable by the
+        framework. Inputs are validated by the core. A static method: it takes the device from
+        its inputs (so the core can call it on the adapter class, traceable by compilers). Only
+        where ``native_lsh_attention``."""
+        raise NotImplementedError("this backend has no native LSH attention kernel")
 
     # ---- memory (for ``reformer-core bench``) ----
     def peak_device_memory(self, fn: Callable[[], Any]) -> int:

@@ -9,9 +9,12 @@ Attention (chunk 64, causal, 4 heads of width 64 = d_model 256), forward and
 forward+backward time (median of ``--repeats``) and the forward+backward's peak memory
 (CUDA allocator peak, or on the CPU sampled resident memory) of:
 
-* ``lsh``: the core's shared-QK LSH attention on given query/key and value heads;
+* ``lsh``: the core's shared-QK LSH attention (its default path: the fused kernel of
+  ``backends/torch/lsh_kernel.py``) on given query/key and value heads;
 * ``lsh_block``: the same plus its input projections from ``hidden`` (one bias-free
   ``Linear`` to shared-QK and values), the work HF's layer does, so the fair peer;
+* ``lsh_block_standard``: ``lsh_block`` on the standard Array-API path
+  (``reformer_core.standard_path()``), the reference the fused kernel is tested against;
 * ``sdpa``: ``scaled_dot_product_attention`` (full causal attention) on the same heads;
 * ``hf_lsh``: HF's ``LSHSelfAttention`` with the same buckets, chunks and hashes, when
   ``transformers`` is installed;
@@ -107,7 +110,11 @@ def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chu
     def sdpa():
         return (torch.nn.functional.scaled_dot_product_attention(qk, qk, v, is_causal=True),)
 
-    cases = {"lsh": lsh, "lsh_block": lsh_block}
+    def lsh_block_standard():  # the standard Array-API path, what ran before the fused kernel
+        with rc.standard_path():
+            return lsh_block()
+
+    cases = {"lsh": lsh, "lsh_block": lsh_block, "lsh_block_standard": lsh_block_standard}
     if compiled:  # the torch+jit fast path: the same functions through torch.compile
         from reformer_core._registry import resolve_backend
 
@@ -190,7 +197,7 @@ def main(argv=None):
     if device.type == "cpu":
         unmap_large_blocks()
     report = {"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "attention": [], "depth": []}
-    print(f"{'L':>6} {'hashes':>6} {'impl':>13} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}")
+    print(f"{'L':>6} {'hashes':>6} {'impl':>18} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}")
     hash_list = [int(h) for h in args.hashes.split(",")]
     for length in map(int, args.lengths.split(",")):
         for hashes in hash_list:
@@ -199,10 +206,10 @@ def main(argv=None):
             for impl, row in rows.items():
                 report["attention"].append({"length": length, "num_hashes": hashes, "impl": impl, **row})
                 peak = row["forward_backward_peak_bytes"]
-                print(f"{length:>6} {hashes:>6} {impl:>13} {row['forward_s'] * 1e3:>9.1f} "
+                print(f"{length:>6} {hashes:>6} {impl:>18} {row['forward_s'] * 1e3:>9.1f} "
                       f"{row['forward_backward_s'] * 1e3:>11.1f} {'-' if peak is None else f'{peak / 2**20:.1f}':>9}",
                       flush=True)
-            for ours_name in ("lsh_block", "lsh_block_jit"):
+            for ours_name in ("lsh_block", "lsh_block_standard", "lsh_block_jit"):
                 if "hf_lsh" not in rows or ours_name not in rows:
                     continue
                 hf, ours = rows["hf_lsh"], rows[ours_name]

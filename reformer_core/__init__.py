@@ -7,6 +7,7 @@ conformance suite is ``reformer_core.conformance``, the benchmarks ``reformer_co
 """
 
 from ._attention.chunking import pad_to_multiple
+from ._attention.dispatch import standard_path, uses_standard_path
 from ._attention.full import full_attention, full_attention_vjp
 from ._attention.hashing import hash_vectors, random_rotations
 from ._attention.local import local_attention, local_attention_vjp
@@ -61,12 +62,14 @@ __all__ = [
     "sample_rotations",
     "save_checkpoint",
     "set_backend",
+    "standard_path",
     "stored_backward",
     "tree_leaves",
     "tree_map",
     "tree_map_with_path",
     "tree_paths",
     "use_backend",
+    "uses_standard_path",
     "value_and_grad",
     "warmup_inverse_sqrt",
 ]

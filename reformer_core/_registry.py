@@ -27,6 +27,7 @@ __all__ = [
     "backend_for",
     "resolve_backend",
     "adapter_class",
+    "adapter_class_of",
     "framework_of",
     "install_hint",
 ]
@@ -74,6 +75,13 @@ def _installed(cls: type) -> bool:
 def available_backends() -> tuple[str, ...]:
     """Backends whose framework is installed (checked without importing it)."""
     return tuple(name for name, cls in _adapters().items() if _installed(cls))
+
+
+def adapter_class_of(array: Any) -> type | None:
+    """The registered adapter class for ``array``'s framework (None if none is registered),
+    from its type alone: no backend object, no context variable, nothing a compiler's tracer
+    would stop at."""
+    return _adapters().get(framework_of(array))
 
 
 def framework_of(array: Any) -> str | None:

@@ -142,6 +142,11 @@ def test_optional_methods_have_clear_defaults():
         backend.jit(lambda: None)
     with pytest.raises(NotImplementedError, match="no native attention"):
         backend.native_full_attention(None, None, None, causal=True)
+    assert backend.native_lsh_attention is False
+    with pytest.raises(NotImplementedError, match="no native LSH attention kernel"):
+        backend.lsh_chunk_attention(None, None, None, None, key_keep=None, logit_bias=None, dropout_keep=None,
+                                    dropout_rate=0.0, chunk_length=4, num_chunks_before=1, num_chunks_after=0,
+                                    causal=True)
     marker = object()
     assert backend.stop_gradient(marker) is marker
 

@@ -122,7 +122,12 @@ def test_bench_memory_mode(tmp_path, capsys):
     for backend in backends.split(","):
         rows = {(r["mode"], r["layers"]): r["bytes"] for r in report["depth"] if r["backend"] == backend}
         assert set(rows) == {(mode, depth) for mode in ("reversible", "stored") for depth in (2, 6)}
-        assert rows[("stored", 6)] > 1.8 * rows[("stored", 2)], backend
-        if backend != "torch":  # torch on the CPU is sampled RSS: too coarse for a unit test
+        stored_growth = rows[("stored", 6)] - rows[("stored", 2)]
+        reversible_growth = rows[("reversible", 6)] - rows[("reversible", 2)]
+        if backend != "torch":
+            assert rows[("stored", 6)] > 1.8 * rows[("stored", 2)], backend
             assert rows[("reversible", 6)] <= 1.05 * rows[("reversible", 2)], backend
+        else:  # torch on the CPU is sampled RSS over a large fixed base (measured: stored 6/2 = 1.9x)
+            assert rows[("stored", 6)] > 1.4 * rows[("stored", 2)], backend
+            assert stored_growth > 4 * max(reversible_growth, 0), backend
     assert "storing activations" in capsys.readouterr().out

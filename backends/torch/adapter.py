@@ -23,6 +23,7 @@ class TorchBackend(Backend):
     autodiff = True
     jit_traces_vjp = False  # torch.compile cannot trace torch.autograd.grad
     native_attention_linear_memory = True  # SDPA's flash / memory-efficient kernels, CPU included
+    native_lsh_attention = True  # lsh_kernel.py: one autograd.Function, recompute in the backward
 
     @property
     def capabilities(self) -> frozenset:
@@ -171,6 +172,12 @@ class TorchBackend(Backend):
         import torch
 
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    @staticmethod
+    def lsh_chunk_attention(qk, v, perm, undo, **kwargs):
+        from .lsh_kernel import lsh_chunk_attention
+
+        return lsh_chunk_attention(qk, v, perm, undo, **kwargs)
 
     def training_step_memory(self, config, *, batch, length, reversible):
         from .memory import training_step_memory

@@ -16,6 +16,7 @@ from .attend import (
 )
 from .chunking import look_adjacent, look_adjacent_backward, merge_chunks, split_chunks
 from .._config import validate_num_buckets
+from .dispatch import native_backend
 from .full import shared_qk_attention
 from .hashing import check_rotations, compute_buckets
 from .rounds import combine_rounds, combine_rounds_backward
@@ -134,15 +135,22 @@ def lsh_with_buckets(xp, qk, v, buckets, keep, *, chunk_length, num_chunks_befor
     batch, heads, num_hashes, length = buckets.shape
     head_dim = v.shape[-1]
     perm, undo = sort_by_bucket(xp, buckets)
+    bias = None
+    if duplicate_correction and num_hashes > 1:
+        counts = duplicate_counts(xp, perm, undo, length, chunk_length, num_chunks_before, num_chunks_after)
+        bias = -xp.log(xp.astype(counts, qk.dtype))
+    native = None if with_pullback else native_backend(qk, "lsh")
+    if native is not None:  # the backend's fused kernel for the same step (compared with this path by tests)
+        return native.lsh_chunk_attention(
+            qk, v, perm, undo, key_keep=keep, logit_bias=bias, dropout_keep=dropout_keep, dropout_rate=dropout_rate,
+            chunk_length=chunk_length, num_chunks_before=num_chunks_before, num_chunks_after=num_chunks_after,
+            causal=causal,
+        ), None
     positions = perm % length  # original position of every sorted slot
 
     def window(x):
         return look_adjacent(xp, split_chunks(xp, x, chunk_length), num_chunks_before, num_chunks_after)
 
-    bias = None
-    if duplicate_correction and num_hashes > 1:
-        counts = duplicate_counts(xp, perm, undo, length, chunk_length, num_chunks_before, num_chunks_after)
-        bias = -xp.log(xp.astype(counts, qk.dtype))
     key_keep = None
     if keep is not None:
         key_keep = window(xp.take_along_axis(broadcast_keep(xp, keep, heads), positions, axis=-1))

@@ -16,7 +16,7 @@ __all__ = ["round_weights", "combine_rounds", "combine_rounds_backward"]
 
 def round_weights(xp, lses: Any):
     """``softmax_r(z)`` over axis 2 of ``lses (b, h, n, L)``, in float32 or wider."""
-    z = xp.astype(lses, xp.result_type(lses.dtype, xp.float32))
+    z = xp.astype(lses, xp.result_type(lses.dtype, xp.float32), copy=False)
     e = xp.exp(z - xp.max(z, axis=2, keepdims=True))
     return e / xp.sum(e, axis=2, keepdims=True)
 
@@ -27,7 +27,7 @@ def combine_rounds(xp, outs: Any, lses: Any):
         return outs[:, :, 0, ...]
     weights = round_weights(xp, lses)
     wide = xp.result_type(outs.dtype, weights.dtype)
-    return xp.astype(xp.sum(xp.astype(outs, wide) * weights[..., None], axis=2), outs.dtype)
+    return xp.astype(xp.sum(xp.astype(outs, wide, copy=False) * weights[..., None], axis=2), outs.dtype, copy=False)
 
 
 def combine_rounds_backward(xp, outs: Any, lses: Any, d_result: Any):
@@ -36,7 +36,7 @@ def combine_rounds_backward(xp, outs: Any, lses: Any, d_result: Any):
         return d_result[:, :, None, ...], None
     weights = round_weights(xp, lses)
     wide = xp.result_type(outs.dtype, weights.dtype)
-    g = xp.astype(d_result, wide)[:, :, None, ...]
-    d_weights = xp.sum(g * xp.astype(outs, wide), axis=-1)
+    g = xp.astype(d_result, wide, copy=False)[:, :, None, ...]
+    d_weights = xp.sum(g * xp.astype(outs, wide, copy=False), axis=-1)
     d_z = weights * (d_weights - xp.sum(weights * d_weights, axis=2, keepdims=True))
-    return xp.astype(weights[..., None] * g, outs.dtype), xp.astype(d_z, lses.dtype)
+    return xp.astype(weights[..., None] * g, outs.dtype, copy=False), xp.astype(d_z, lses.dtype, copy=False)
