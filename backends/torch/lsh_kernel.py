@@ -72,24 +72,16 @@ class _Geometry:
             self.blocks = [(h, h + 1, s, min(s + per_block, self.chunks))
                            for h in range(self.bh) for s in range(0, self.chunks, per_block)]
 
-    def cross_pairs(self, start, stop):
-        """``(chunk, window slot)`` pairs of chunks ``start:stop`` whose window slot holds a chunk
-        of another round (or the chunk itself, wrapped), where a query may meet its position."""
-        if not hasattr(self, "_cross"):
-            chunks_per_round = self.length // self.c
-            self._cross = [(i, k) for i in range(self.chunks) for k in range(self.width) if k != self.before
-                           for j in [(i + k - self.before) % self.chunks]
-                           if j == i or i // chunks_per_round != j // chunks_per_round]
-        return [(i, k) for i, k in self._cross if start <= i < stop]
+        # (chunk, window slot) pairs whose slot holds a chunk of another round (or the chunk
+        # itself, wrapped round a short sequence): where a query may meet its position off the diagonal.
+        per_round = length // chunk_length
+        self.cross = [(i, k) for i in range(self.chunks) for k in range(self.width) if k != before
+                      for j in [(i + k - before) % self.chunks] if j == i or i // per_round != j // per_round]
 
-    def halo_chunks(self, device):
-        """Sorted chunk index of every halo chunk: ``-before .. chunks + after - 1`` mod chunks."""
-        return torch.arange(-self.before, self.chunks + self.after, device=device) % self.chunks
-
-
-def _halo_rows(geo, device):
-    chunk = geo.halo_chunks(device)
-    return (chunk[:, None] * geo.c + torch.arange(geo.c, device=device)).reshape(-1)
+    def halo_index(self, device):
+        """Sorted row of every halo row: chunks ``-before .. chunks + after - 1`` mod chunks."""
+        chunk = torch.arange(-self.before, self.chunks + self.after, device=device) % self.chunks
+        return (chunk[:, None] * self.c + torch.arange(self.c, device=device)).reshape(-1)
 
 
 def _gather_rows(x, flat_index, geo, count):
@@ -110,7 +102,7 @@ def _window(x, geo, h0, h1, s, e):
 def _chunks(x, geo, h0, h1, s, e):
     """Sorted rows ``x (b*h, n*L, ...)`` of chunks ``s:e`` as ``(h1-h0, e-s, c, ...)``."""
     part = x[h0:h1, s * geo.c:e * geo.c]
-    return part.reshape(h1 - h0, e - s, geo.c, *part.shape[2:])
+    return part.view(h1 - h0, e - s, geo.c, *part.shape[2:])  # a view: results are written through it
 
 
 def _matmul(a, b, out):
@@ -187,12 +179,12 @@ def _fill_self(x, saved, geo, block, value):
 
     Every query sees itself on the diagonal of its own chunk (a strided view, no mask); another
     copy of its position can only sit in a window chunk of another hashing round, or in its own
-    chunk again when the window wraps round a short sequence: :attr:`_Geometry.cross_pairs`.
+    chunk again when the window wraps round a short sequence: :attr:`_Geometry.cross`.
     """
     h0, h1, s, e = block
     c, own = geo.c, geo.before
     x[..., own * c:(own + 1) * c].diagonal(dim1=-2, dim2=-1).fill_(value)
-    for chunk, k in geo.cross_pairs(s, e):
+    for chunk, k in (pair for pair in geo.cross if s <= pair[0] < e):
         query_pos = saved.pos[h0:h1, chunk * c:(chunk + 1) * c]
         key_pos = saved.pos_halo[h0:h1, (chunk + k) * c:(chunk + k + 1) * c]
         x[:, chunk - s, :, k * c:(k + 1) * c].masked_fill_(key_pos[:, None, :] == query_pos[:, :, None], value)
@@ -263,7 +255,7 @@ def _forward(ctx, qk, keys, v, perm, undo, key_keep, logit_bias, dropout_keep, r
     offsets = torch.arange(geo.bh, device=device)[:, None]
     perm2, undo2 = perm.reshape(geo.bh, geo.rows), undo.reshape(geo.bh, geo.rows)
     pos = perm2 % geo.length  # original position of every sorted row
-    pos_halo = pos[:, _halo_rows(geo, device)]
+    pos_halo = pos[:, geo.halo_index(device)]
     flat = (pos + offsets * geo.length).reshape(-1)
     flat_halo = (pos_halo + offsets * geo.length).reshape(-1)
     keep_halo = None

@@ -14,9 +14,8 @@ import contextlib
 import os
 from typing import Any, Iterator
 
-__all__ = ["standard_path", "native_backend", "uses_standard_path"]
+__all__ = ["standard_path", "native_lsh_backend", "uses_standard_path"]
 
-_KINDS = {"lsh": "native_lsh_attention"}
 # REFORMER_STANDARD_PATH=1 forces the standard path for the whole process (read at import).
 _standard = os.environ.get("REFORMER_STANDARD_PATH", "") not in ("", "0")
 
@@ -45,9 +44,9 @@ def uses_standard_path() -> bool:
     return _standard
 
 
-def native_backend(array: Any, kind: str):
-    """The adapter class of ``array``'s framework when it has a native kernel for ``kind`` and
-    kernels are on, else None.
+def native_lsh_backend(array: Any):
+    """The adapter class of ``array``'s framework when it has a native LSH kernel and kernels
+    are on, else None.
 
     Looked up from the array's type alone (no backend object, no context variable), so that
     ``torch.compile`` traces through it without a graph break; the kernels are static methods
@@ -58,4 +57,4 @@ def native_backend(array: Any, kind: str):
     from .._registry import adapter_class_of
 
     cls = adapter_class_of(array)
-    return cls if cls is not None and getattr(cls, _KINDS[kind]) else None
+    return cls if cls is not None and cls.native_lsh_attention else None

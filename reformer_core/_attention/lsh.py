@@ -16,7 +16,7 @@ from .attend import (
 )
 from .chunking import look_adjacent, look_adjacent_backward, merge_chunks, split_chunks
 from .._config import validate_num_buckets
-from .dispatch import native_backend
+from .dispatch import native_lsh_backend
 from .full import shared_qk_attention
 from .hashing import check_rotations, compute_buckets
 from .rounds import combine_rounds, combine_rounds_backward
@@ -139,7 +139,7 @@ def lsh_with_buckets(xp, qk, v, buckets, keep, *, chunk_length, num_chunks_befor
     if duplicate_correction and num_hashes > 1:
         counts = duplicate_counts(xp, perm, undo, length, chunk_length, num_chunks_before, num_chunks_after)
         bias = -xp.log(xp.astype(counts, qk.dtype))
-    native = None if with_pullback else native_backend(qk, "lsh")
+    native = None if with_pullback else native_lsh_backend(qk)
     if native is not None:  # the backend's fused kernel for the same step (compared with this path by tests)
         return native.lsh_chunk_attention(
             qk, v, perm, undo, key_keep=keep, logit_bias=bias, dropout_keep=dropout_keep, dropout_rate=dropout_rate,
