@@ -130,8 +130,14 @@ def gather_positions(xp, x: Any, positions: Any) -> Any:
 
 
 def rsqrt_mean_square(xp, x: Any, eps: float) -> Any:
-    """1 / sqrt(mean(x^2, axis=-1) + eps), keeping the last axis."""
-    return 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+    """1 / sqrt(mean(x^2, axis=-1) + eps), keeping the last axis, in ``x``'s dtype.
+
+    The mean square is taken in float32 or wider: in float16, ``x * x`` overflows once
+    ``|x| > 256`` (and underflows below ``2**-12``), where the result itself is representable.
+    """
+    wide = xp.result_type(x.dtype, xp.float32)
+    x32 = xp.astype(x, wide, copy=False)
+    return xp.astype(1.0 / xp.sqrt(xp.mean(x32 * x32, axis=-1, keepdims=True) + eps), x.dtype, copy=False)
 
 
 def logsumexp(xp, x: Any, axis: int) -> Any:

@@ -17,8 +17,11 @@ log-sum-exp per row, then ``combine_rounds``), but laid out for speed and memory
 * gradients are summed back over rounds and halo copies by gathers and slice additions in a
   fixed order (no atomic scatter), so they are deterministic on every device.
 
-Autocast is switched off inside: the kernel runs in the dtype of its inputs, so the mask
-constants always fit the logits' dtype.
+Autocast is switched off inside, and 16-bit inputs are computed in float32 (the core's
+``logits_dtype``): the mask constants always fit the logits, and the result comes back in the
+input dtype. Value rows holding NaN or inf are zeroed for the products and the queries that
+attend to one with a nonzero probability get NaN outputs, as in the core's ``attend``: a
+masked position never leaks into an output.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ def lsh_chunk_attention(qk, v, perm, undo, *, key_keep, logit_bias, dropout_keep
     from array_api_compat import torch as xp
 
     keys = shared_qk_keys(xp, qk)  # autograd differentiates the key normalisation itself
-    return _SortedChunkAttention.apply(qk, keys, v, perm, undo, key_keep, logit_bias, dropout_keep,
-                                       float(dropout_rate), chunk_length, num_chunks_before, num_chunks_after,
-                                       bool(causal))
+    wide = torch.promote_types(qk.dtype, torch.float32)  # logits_dtype: float32 for 16-bit inputs
+    result = _SortedChunkAttention.apply(qk.to(wide), keys.to(wide), v.to(wide), perm, undo, key_keep, logit_bias,
+                                         dropout_keep, float(dropout_rate), chunk_length, num_chunks_before,
+                                         num_chunks_after, bool(causal))
+    return result.to(v.dtype)
 
 
 class _Geometry:
@@ -137,8 +142,8 @@ class _Workspace:
 class _Saved:
     """What one block's logits are computed from (the forward's inputs or the saved tensors)."""
 
-    def __init__(self, q, k, v, pos, pos_halo, keep_halo, bias, keep_drop, rate, causal):
-        self.q, self.k, self.v = q, k, v
+    def __init__(self, q, k, v, pos, pos_halo, keep_halo, bias, keep_drop, rate, causal, bad=None):
+        self.q, self.k, self.v, self.bad = q, k, v, bad
         self.pos, self.pos_halo, self.keep_halo = pos, pos_halo, keep_halo
         self.bias, self.keep_drop, self.rate, self.causal = bias, keep_drop, rate, causal
 
@@ -225,6 +230,12 @@ def _fold_halo(halo, geo):
     return main
 
 
+def _finite_rows(x):
+    """``x (..., rows, d)`` with its non-finite rows zeroed in place, and the bool mask of them."""
+    bad = torch.isfinite(x).all(dim=-1).logical_not_()
+    return x.masked_fill_(bad.unsqueeze(-1), 0.0), bad
+
+
 def _sum_rounds(sorted_rows, undo_flat, geo):
     """Sorted rows ``(b*h, n*L, d)`` -> ``(b, h, L, d)``: unsorted, every round's copy added."""
     unsorted = sorted_rows.reshape(geo.bh * geo.rows, geo.d).index_select(0, undo_flat)
@@ -268,9 +279,10 @@ def _forward(ctx, qk, keys, v, perm, undo, key_keep, logit_bias, dropout_keep, r
     def per_chunk(x):  # (b, h, chunks, c, window) -> (b*h, chunks, c, window)
         return None if x is None else x.reshape(geo.bh, geo.chunks, geo.c, window_rows)
 
+    values, bad = _finite_rows(_gather_rows(v, flat_halo, geo, geo.halo_rows))
     saved = _Saved(_gather_rows(qk, flat, geo, geo.rows), _gather_rows(keys, flat_halo, geo, geo.halo_rows),
-                   _gather_rows(v, flat_halo, geo, geo.halo_rows), pos, pos_halo, keep_halo,
-                   per_chunk(logit_bias), per_chunk(dropout_keep), rate, causal)
+                   values, pos, pos_halo, keep_halo, per_chunk(logit_bias), per_chunk(dropout_keep), rate, causal,
+                   bad.to(qk.dtype).unsqueeze(-1))
     out = torch.empty(geo.bh, geo.rows, geo.d, dtype=qk.dtype, device=device)
     lse = torch.empty(geo.bh, geo.rows, dtype=qk.dtype, device=device)
     work = _Workspace(qk.dtype, device)
@@ -278,7 +290,11 @@ def _forward(ctx, qk, keys, v, perm, undo, key_keep, logit_bias, dropout_keep, r
         h0, h1, s, e = block
         probs, top = _block_probs(saved, geo, block, work)
         _chunks(lse, geo, h0, h1, s, e).copy_(_lse(probs, top))
-        _matmul(_dropped(probs, saved, block), _window(saved.v, geo, h0, h1, s, e), _chunks(out, geo, h0, h1, s, e))
+        dropped, out_block = _dropped(probs, saved, block), _chunks(out, geo, h0, h1, s, e)
+        _matmul(dropped, _window(saved.v, geo, h0, h1, s, e), out_block)
+        reached = _matmul(dropped, _window(saved.bad, geo, h0, h1, s, e),
+                          work.get("reached", out_block.shape[:-1] + (1,)))
+        out_block.masked_fill_(reached > 0, float("nan"))
     undo_flat = (undo2 + offsets * geo.rows).reshape(-1)
     batch, heads, length, d = geo.shape
     outs = out.view(geo.bh * geo.rows, d).index_select(0, undo_flat).view(batch, heads, geo.rounds, length, d)
@@ -305,6 +321,7 @@ def _backward(ctx, d_result):
     d_out = d_outs.reshape(-1, geo.d).index_select(0, perm_flat).view(geo.bh, geo.rows, geo.d)
     d_q = torch.empty_like(q)
     d_k, d_v = torch.zeros_like(k), torch.zeros_like(v)
+    finite_k, _ = _finite_rows(k.clone())  # a masked NaN key must not reach d_q (d_logits is 0 there)
     work = _Workspace(q.dtype, q.device)
     for block in geo.blocks:
         h0, h1, s, e = block
@@ -319,7 +336,7 @@ def _backward(ctx, d_result):
         # carry all the mass) are zeroed explicitly.
         d_logits.sub_(_chunks(shift, geo, h0, h1, s, e)[..., None]).mul_(probs)
         _fill_self(d_logits, saved, geo, block, 0.0)
-        _matmul(d_logits, _window(k, geo, h0, h1, s, e), _chunks(d_q, geo, h0, h1, s, e))
+        _matmul(d_logits, _window(finite_k, geo, h0, h1, s, e), _chunks(d_q, geo, h0, h1, s, e))
         _add_windows(d_k, _matmul(d_logits.transpose(-1, -2), _chunks(q, geo, h0, h1, s, e), d_window), geo, block)
     d_qk = _sum_rounds(d_q, undo_flat, geo)
     d_keys = _sum_rounds(_fold_halo(d_k, geo), undo_flat, geo)

@@ -36,14 +36,21 @@ __all__ = [
 KEY_NORM_EPS = 1e-6
 MASK_VALUE = -1e9
 SELF_MASK_VALUE = -1e5
-# float16 cannot hold -1e9 (its largest magnitude is 65504); these keep the same order.
-_FLOAT16_MASK_VALUES = (-1e4, -1e3)
+
+
+def logits_dtype(xp, dtype):
+    """The dtype attention logits, softmax and log-sum-exp are computed in: float32 for 16-bit
+    inputs (float16 cannot hold the mask constants, and a float16 self constant would outrank
+    real logits below it), else ``dtype``."""
+    return xp.result_type(dtype, xp.float32)
 
 
 def mask_values(xp, dtype) -> tuple[float, float]:
-    """``(mask_value, self_mask_value)`` for logits of ``dtype``."""
+    """``(mask_value, self_mask_value)`` for logits of ``dtype`` (float32 or wider: see
+    :func:`logits_dtype`); a masked logit is ``mask_value``, a token's logit with itself
+    ``self_mask_value``, so their order holds against every real logit above -1e5."""
     if hasattr(xp, "float16") and dtype == xp.float16:
-        return _FLOAT16_MASK_VALUES
+        raise TypeError("attention logits are computed in float32 or wider (reformer_core logits_dtype)")
     return MASK_VALUE, SELF_MASK_VALUE
 
 
@@ -65,6 +72,12 @@ def attend(
 ):
     """Softmax attention of ``query`` over ``key``/``value`` with position-based masks.
 
+    Logits, the softmax and the log-sum-exp are computed in :func:`logits_dtype` (float32 for
+    16-bit inputs, also when autocast makes the matmul 16-bit); the output has ``value``'s
+    dtype. A value row holding NaN or inf reaches only the queries that attend to it with a
+    nonzero (dropped-out) probability, whose outputs are NaN: masked positions never leak,
+    since ``0 * nan`` is never formed.
+
     Args:
         query: ``(..., q, d)``; key: ``(..., k, d)``; value: ``(..., k, dv)`` (already scaled).
         query_positions, key_positions: int ``(..., q)`` and ``(..., k)``, original positions.
@@ -76,17 +89,19 @@ def attend(
             ``1 / (1 - dropout_rate)``.
 
     Returns:
-        ``(out, logsumexp)``: ``(..., q, dv)`` and ``(..., q)``; with ``return_residuals``
-        also what :func:`attend_backward` needs: ``(probs, replaced)``, the softmax before
-        dropout and the bool mask of logits replaced by a constant (or None).
+        ``(out, logsumexp)``: ``(..., q, dv)`` and ``(..., q)`` (logits dtype); with
+        ``return_residuals`` also what :func:`attend_backward` needs: ``(probs, replaced)``,
+        the softmax before dropout and the bool mask of logits replaced by a constant (or None).
     """
     if dropout_keep is not None or dropout_rate:
         check_dropout(xp, dropout_rate, dropout_keep, (*query.shape[:-1], key.shape[-2]))
-    mask_value, self_value = mask_values(xp, query.dtype)
+    wide = logits_dtype(xp, query.dtype)
     device = device_of(query)
-    logits = xp.matmul(query, xp.matrix_transpose(key))
+    logits = xp.matmul(xp.astype(query, wide, copy=False), xp.matrix_transpose(xp.astype(key, wide, copy=False)))
+    logits = xp.astype(logits, logits_dtype(xp, logits.dtype), copy=False)  # autocast may have made it 16-bit
+    mask_value, self_value = mask_values(xp, logits.dtype)
     if logit_bias is not None:
-        logits = logits + logit_bias
+        logits = logits + xp.astype(logit_bias, logits.dtype, copy=False)
     masked = None
     if causal:
         masked = key_positions[..., None, :] > query_positions[..., :, None]
@@ -107,10 +122,22 @@ def attend(
     total = xp.sum(weights, axis=-1, keepdims=True)
     probs = weights / total
     lse = xp.squeeze(top + xp.log(total), axis=-1)
-    out = xp.matmul(dropout(xp, probs, dropout_keep, dropout_rate), value)
+    dropped = dropout(xp, probs, dropout_keep, dropout_rate)
+    finite_value, bad = finite_rows(xp, value)
+    out = xp.matmul(dropped, xp.astype(finite_value, probs.dtype, copy=False))
+    # Always, under jit too (a data-dependent branch would not trace): which rows meet a bad value.
+    reached = xp.any(xp.logical_and(dropped > 0, bad[..., None, :]), axis=-1, keepdims=True)  # (..., q, 1)
+    out = xp.where(reached, xp.asarray(math.nan, dtype=out.dtype, device=device), out)
+    out = xp.astype(out, value.dtype, copy=False)
     if return_residuals:
         return out, lse, (probs, replaced)
     return out, lse
+
+
+def finite_rows(xp, value: Any):
+    """``(value with its non-finite rows zeroed, bool (..., k) marking them)``."""
+    bad = xp.logical_not(xp.all(xp.isfinite(value), axis=-1))
+    return xp.where(bad[..., None], xp.zeros_like(value), value), bad
 
 
 def attend_backward(xp, query, key, value, residuals, d_out, d_lse=None, *, dropout_keep=None, dropout_rate=0.0):
@@ -118,18 +145,31 @@ def attend_backward(xp, query, key, value, residuals, d_out, d_lse=None, *, drop
 
     ``residuals`` is ``(probs, replaced)`` from ``attend(..., return_residuals=True)``;
     ``d_out`` is ``(..., q, dv)`` and ``d_lse`` the optional ``(..., q)`` cotangent of the
-    log-sum-exp. Logits replaced by a mask constant are constants: no gradient flows there.
+    log-sum-exp. Logits replaced by a mask constant are constants: no gradient flows there,
+    and non-finite key and value rows are read as zeros (where they matter, the forward
+    probabilities, and so ``d_logits``, are NaN already). The arithmetic runs in the
+    probabilities' dtype; gradients come back in the inputs'.
     """
     probs, replaced = residuals
+    wide = probs.dtype
+
+    def up(x):
+        return xp.astype(x, wide, copy=False)
+
+    finite_value, _ = finite_rows(xp, value)
+    d_out = up(d_out)
     dropped = dropout(xp, probs, dropout_keep, dropout_rate)
     d_value = xp.matmul(xp.matrix_transpose(dropped), d_out)
-    d_probs = dropout(xp, xp.matmul(d_out, xp.matrix_transpose(value)), dropout_keep, dropout_rate)
+    d_probs = dropout(xp, xp.matmul(d_out, xp.matrix_transpose(up(finite_value))), dropout_keep, dropout_rate)
     d_logits = probs * (d_probs - xp.sum(d_probs * probs, axis=-1, keepdims=True))
     if d_lse is not None:
-        d_logits = d_logits + d_lse[..., None] * probs
+        d_logits = d_logits + up(d_lse)[..., None] * probs
     if replaced is not None:
         d_logits = xp.where(replaced, xp.zeros_like(d_logits), d_logits)
-    return xp.matmul(d_logits, key), xp.matmul(xp.matrix_transpose(d_logits), query), d_value
+    d_query = xp.matmul(d_logits, up(finite_rows(xp, key)[0]))  # a masked NaN key must not reach d_query
+    d_key = xp.matmul(xp.matrix_transpose(d_logits), up(query))
+    return (xp.astype(d_query, query.dtype, copy=False), xp.astype(d_key, key.dtype, copy=False),
+            xp.astype(d_value, value.dtype, copy=False))
 
 
 def check_dropout(xp, dropout_rate: Any, dropout_keep: Any, logits_shape: tuple) -> None:
@@ -139,6 +179,11 @@ def check_dropout(xp, dropout_rate: Any, dropout_keep: Any, logits_shape: tuple)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
     if dropout_keep is None:
+        if dropout_rate:
+            raise ValueError(
+                f"dropout_rate={dropout_rate!r} without dropout_keep would apply no dropout; pass the keep "
+                f"mask (reformer_core.sample_dropout_masks draws it from a seed) or dropout_rate=0.0"
+            )
         return
     if dropout_keep.dtype != xp.bool:
         raise TypeError(f"dropout_keep must be a bool mask (True = keep), got dtype {dropout_keep.dtype}")
@@ -157,10 +202,14 @@ def shared_qk_keys(xp, qk: Any):
 
 def shared_qk_keys_backward(xp, qk: Any, d_keys: Any):
     """VJP of :func:`shared_qk_keys`: with ``a = rsqrt(mean(x^2) + eps)`` and ``s = 1/sqrt(D)``,
-    ``dx = s * (a * dk - x * a^3 * mean(dk * x))``."""
-    a = rsqrt_mean_square(xp, qk, KEY_NORM_EPS)
+    ``dx = s * (a * dk - x * a^3 * mean(dk * x))``, in float32 or wider (``a^3`` underflows
+    float16), returned in ``qk``'s dtype."""
+    wide = xp.result_type(qk.dtype, xp.float32)
+    x, dk = xp.astype(qk, wide, copy=False), xp.astype(d_keys, wide, copy=False)
+    a = rsqrt_mean_square(xp, x, KEY_NORM_EPS)
     scale = 1.0 / math.sqrt(qk.shape[-1])
-    return scale * (a * d_keys - qk * (a * a * a) * xp.mean(d_keys * qk, axis=-1, keepdims=True))
+    dx = scale * (a * dk - x * (a * a * a) * xp.mean(dk * x, axis=-1, keepdims=True))
+    return xp.astype(dx, qk.dtype, copy=False)
 
 
 def check_attention_inputs(xp, named: dict[str, Any], attention_mask: Any = None, *, causal: Any = False,

@@ -41,7 +41,7 @@ def full_attention(
         causal: mask keys after the query.
         attention_mask: optional ``(batch, length)`` bool/int, True/1 for real tokens.
         dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask
-            ``(batch, heads, length, length)``.
+            ``(batch, heads, length, length)`` (a rate without a mask raises ValueError).
         check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).
 
     Returns:
@@ -54,11 +54,17 @@ def full_attention(
 
 def full_attention_vjp(qk: Any, v: Any, **kwargs):
     """``(full_attention(qk, v, **kwargs), pullback)``; ``pullback(d_out) -> (d_qk, d_v)``."""
-    xp, keep = _validate(qk, v, kwargs.get("causal", False), kwargs.get("attention_mask"),
-                         kwargs.get("dropout_keep"), kwargs.get("check_finite", False))
-    (out, _), pullback = shared_qk_attention(xp, qk, v, kwargs.get("causal", False), keep,
-                                             kwargs.get("dropout_rate", 0.0), kwargs.get("dropout_keep"),
-                                             with_pullback=True)
+    options = {"causal": False, "attention_mask": None, "dropout_rate": 0.0, "dropout_keep": None,
+               "check_finite": False}
+    unknown = set(kwargs) - set(options)
+    if unknown:
+        raise TypeError(f"full_attention_vjp got unexpected keyword arguments {sorted(unknown)}; "
+                        f"it takes full_attention's: {sorted(options)}")
+    options.update(kwargs)
+    xp, keep = _validate(qk, v, options["causal"], options["attention_mask"], options["dropout_keep"],
+                         options["check_finite"])
+    (out, _), pullback = shared_qk_attention(xp, qk, v, options["causal"], keep, options["dropout_rate"],
+                                             options["dropout_keep"], with_pullback=True)
     return out, lambda d_out: pullback(d_out)
 
 

@@ -40,7 +40,8 @@ def local_attention(
             ``chunk_length`` when longer than it.
         attention_mask: optional ``(batch, length)`` bool/int, True/1 for real tokens.
         dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask of
-            the logits' shape ``(batch, heads, num_chunks, chunk_length, window)``.
+            the logits' shape ``(batch, heads, num_chunks, chunk_length, window)`` (a rate
+            without a mask raises ValueError).
         check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).
 
     Returns:

@@ -67,7 +67,7 @@ def lsh_attention(
         attention_mask: optional ``(batch, length)`` bool/int, True/1 for real tokens;
             padding hashes to an extra bucket that sorts last in each round.
         dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask
-            ``(batch, heads, num_hashes * length // chunk_length, chunk_length, window)``.
+            ``(batch, heads, num_hashes * length // chunk_length, chunk_length, window)`` (a rate without a mask raises ValueError).
         check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).
 
     Returns:

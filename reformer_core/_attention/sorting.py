@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._arrays import device_of, gather_positions
+from .._arrays import gather_positions
 
 __all__ = ["sort_by_bucket", "unsort"]
 
@@ -20,10 +20,14 @@ def sort_by_bucket(xp, buckets: Any):
         ``(perm, undo)``, int64 ``(batch, heads, num_hashes * length)``. ``perm[s]`` is the
         flat index ``round * length + position`` of the item at sorted slot ``s``; ``undo`` is
         its inverse, ``argsort(perm)``, so ``sorted[undo] == original``.
+
+    The sort key is the bucket id alone: a stable sort keeps equal buckets in flat
+    (round, position) order, which is the position order the tie-break needs. No combined
+    key such as ``bucket * length + position`` is formed, so nothing can overflow, also with
+    JAX's 32-bit integers (no x64) at any length and bucket count.
     """
     batch, heads, num_hashes, length = buckets.shape
-    positions = xp.arange(length, dtype=xp.int64, device=device_of(buckets))
-    keys = xp.reshape(buckets * length + positions, (batch, heads, num_hashes * length))
+    keys = xp.reshape(buckets, (batch, heads, num_hashes * length))
     perm = xp.argsort(keys, axis=-1, stable=True)
     undo = xp.argsort(perm, axis=-1, stable=True)
     return xp.astype(perm, xp.int64), xp.astype(undo, xp.int64)

@@ -33,8 +33,8 @@ def merge_heads(xp, x):
 
 def _attention_call(kind, config: ReformerConfig, length, rotations, attention_mask, probs_keep, vjp):
     """The attention function of ``kind`` and its keyword arguments; inputs are projections."""
-    common = {"causal": config.causal, "attention_mask": attention_mask,
-              "dropout_rate": config.attention_dropout, "dropout_keep": probs_keep}
+    common = {"causal": config.causal, "attention_mask": attention_mask,  # no masks: no dropout (evaluation)
+              "dropout_rate": config.attention_dropout if probs_keep is not None else 0.0, "dropout_keep": probs_keep}
     if kind == "lsh":
         kwargs = {**common, "num_buckets": config.num_buckets_for(length), "chunk_length": config.lsh_chunk_length,
                   "num_chunks_before": config.lsh_num_chunks_before,
