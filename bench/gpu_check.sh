@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a GPU: the conformance suite's GPU variants and a short GPU benchmark,
 # results and plots under OUT. Installs nothing from the network (the frameworks must be
-# there already); finishes within about 10 minutes.
+# there already); finishes within about 12 minutes (the timeouts add up to 705 s).
 #
 #   bash bench/gpu_check.sh OUT
 set -uo pipefail
@@ -26,16 +26,16 @@ echo "GPU backends: ${gpus:-none}" | tee -a "$out/summary.txt"
 [ -n "$gpus" ] || exit 1
 
 export NVIDIA_TF32_OVERRIDE=0  # correctness runs: no TF32 anywhere
-timeout 240 python3 -m reformer_core.cli check --backends "$gpus" --max-examples 20 --json "$out/check.json" \
+timeout 180 python3 -m reformer_core.cli check --backends "$gpus" --max-examples 20 --json "$out/check.json" \
   >"$out/check.txt" 2>&1; echo "check exit $?" | tee -a "$out/summary.txt"
-JAX_ENABLE_X64=1 timeout 120 python3 -m reformer_core.cli check --backends jax:gpu --max-examples 10 \
+JAX_ENABLE_X64=1 timeout 90 python3 -m reformer_core.cli check --backends jax:gpu --max-examples 10 \
   --json "$out/check_jax_x64.json" >"$out/check_jax_x64.txt" 2>&1; echo "check jax x64 exit $?" | tee -a "$out/summary.txt"
 unset NVIDIA_TF32_OVERRIDE
 
-timeout 150 python3 -m reformer_core.cli bench --backends "$gpus" --speed-figure --repeats 3 --no-progress \
+timeout 120 python3 -m reformer_core.cli bench --backends "$gpus" --speed-figure --repeats 3 --no-progress \
   --json "$out/speed_figure.json" --plot "$out/speed_figure.png" >"$out/speed_figure.txt" 2>&1
 echo "speed figure exit $?" | tee -a "$out/summary.txt"
-timeout 120 python3 -m reformer_core.cli bench --backends "$gpus" --lengths 1024,4096,16384 --hashes 2,8 --repeats 3 \
+timeout 90 python3 -m reformer_core.cli bench --backends "$gpus" --lengths 1024,4096,16384 --hashes 2,8 --repeats 3 \
   --no-progress --json "$out/bench.json" --plot "$out/bench.png" >"$out/bench.txt" 2>&1
 echo "bench exit $?" | tee -a "$out/summary.txt"
 mem=$(echo "$gpus" | tr ',' '\n' | grep -v cupy | paste -sd, -)
@@ -44,6 +44,12 @@ if [ -n "$mem" ]; then  # training-step memory against depth (the CUDA allocator
     >"$out/memory.txt" 2>&1; echo "memory exit $?" | tee -a "$out/summary.txt"
 fi
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-  timeout 90 python3 bench/torch_attention.py --device cuda --json "$out/torch_sdpa.json" >"$out/torch_sdpa.txt" 2>&1
+  timeout 60 python3 bench/torch_attention.py --device cuda --json "$out/torch_sdpa.json" >"$out/torch_sdpa.txt" 2>&1
   echo "torch vs SDPA exit $?" | tee -a "$out/summary.txt"
+fi
+if python3 -c "import torch, triton; assert torch.cuda.is_available()" 2>/dev/null; then
+  # The Triton LSH kernel (backends/torch/triton_lsh.py) against the torch-op kernel and SDPA at
+  # 4K-32K tokens, bfloat16 and float32; the first call per dtype compiles the kernels.
+  timeout 75 python3 bench/triton_vs_sdpa.py --json "$out/triton_vs_sdpa.json" >"$out/triton_vs_sdpa.txt" 2>&1
+  echo "triton vs SDPA exit $?" | tee -a "$out/summary.txt"
 fi

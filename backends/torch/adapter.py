@@ -175,6 +175,15 @@ class TorchBackend(Backend):
 
     @staticmethod
     def lsh_chunk_attention(qk, v, perm, undo, **kwargs):
+        # CUDA float16/bfloat16/float32 tensors with Triton installed: the Triton kernels
+        # (triton_lsh.py); everything else, float64 on CUDA included: the torch-op kernel.
+        if qk.device.type == "cuda":
+            try:
+                from . import triton_lsh
+            except ImportError:  # no Triton (or a broken install): the torch-op kernel runs everywhere
+                triton_lsh = None
+            if triton_lsh is not None and triton_lsh.supports(qk):
+                return triton_lsh.lsh_chunk_attention(qk, v, perm, undo, **kwargs)
         from .lsh_kernel import lsh_chunk_attention
 
         return lsh_chunk_attention(qk, v, perm, undo, **kwargs)
