@@ -2,8 +2,14 @@
 
 A target is a backend spec as ``reformer_core.set_backend`` takes it: ``numpy``, ``strict``,
 ``strict:device1``, ``torch``, ``torch:cuda``, ``jax``, ``jax:gpu``, ``cupy``, or a
-third-party adapter's import path ``package.module:ClassName``. A target that cannot be
-made here (framework not installed, no GPU) is skipped with the reason.
+third-party adapter's import path ``package.module:ClassName``.
+
+A target named explicitly (``--backends``, ``$REFORMER_CONFORMANCE_BACKENDS``) that is not a
+known backend, whose framework is not installed, or whose ``package.module:ClassName`` does not
+load as a ``Backend`` subclass is an error (:func:`spec_errors`): ``reformer-core check`` exits
+2 naming it and the install command, and the pytest run stops at collection, so a typo cannot
+pass as "all skipped". A target that is installed but cannot run here (no GPU, no such device,
+no jit) is skipped with the reason.
 
 A ``+jit`` suffix (``jax+jit``, ``jax:gpu+jit``) runs every check's target side compiled by
 the backend's ``jit`` (backends with the ``"jit"`` capability), so the core is tested traced
@@ -15,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["ENV_VAR", "Target", "default_specs", "parse_specs", "dtypes_for", "make_target"]
+__all__ = ["ENV_VAR", "Target", "default_specs", "parse_specs", "spec_errors", "dtypes_for", "make_target"]
 
 ENV_VAR = "REFORMER_CONFORMANCE_BACKENDS"
 _DEFAULT_ORDER = ("numpy", "strict", "torch", "jax", "jax+jit")
@@ -53,6 +59,32 @@ def parse_specs(text: str | None) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def spec_errors(specs: list[str]) -> list[str]:
+    """One message per spec that can never run here, whatever the hardware: an unknown name,
+    a registered backend whose framework is not installed (with the command that installs
+    it), or a ``package.module:ClassName`` that does not load as a ``Backend`` subclass.
+    Specs that are installed but lack a device here are not errors (they are skipped)."""
+    from reformer_core._registry import adapter_class_from_spec, available_backends, install_hint, known_backends
+
+    errors = []
+    for spec in specs:
+        base = spec.strip().removesuffix(JIT_SUFFIX).strip()
+        name = base.partition(":")[0].strip().lower()
+        if name in known_backends():
+            if name not in available_backends():
+                errors.append(f"backend {spec!r} is not installed here; install it with {install_hint(name)}")
+        elif ":" in base:
+            try:
+                adapter_class_from_spec(base)
+            except (ValueError, TypeError) as error:
+                errors.append(str(error))
+        else:
+            errors.append(f"unknown backend {spec!r}; known backends: {', '.join(known_backends())} (installed here: "
+                          f"{', '.join(available_backends()) or 'none'}), or a third-party adapter as "
+                          f"'package.module:ClassName'; add {JIT_SUFFIX} to compile")
+    return errors
+
+
 def make_target(spec: str) -> tuple[Target | None, str | None]:
     """``(target, None)``, or ``(None, why it cannot run here)``."""
     from reformer_core._registry import resolve_backend
@@ -60,7 +92,7 @@ def make_target(spec: str) -> tuple[Target | None, str | None]:
     jit = spec.endswith(JIT_SUFFIX)
     try:
         backend = resolve_backend(spec.removesuffix(JIT_SUFFIX))
-    except (ValueError, ImportError, RuntimeError) as error:  # not installed, no such device, no GPU
+    except (ValueError, TypeError, ImportError, RuntimeError) as error:  # not installed, no such device, no GPU
         return None, f"{spec}: {error}"
     if jit and "jit" not in backend.capabilities:
         return None, f"{spec}: backend {backend.name!r} cannot compile functions (no 'jit' capability)"

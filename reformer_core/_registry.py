@@ -30,6 +30,7 @@ __all__ = [
     "adapter_class_of",
     "framework_of",
     "install_hint",
+    "adapter_class_from_spec",
 ]
 
 _default = None  # set by set_backend
@@ -128,16 +129,54 @@ def _make(name: Any, device: Any = None):
     return cached
 
 
+_SPEC_FORM = "'package.module:ClassName' (optionally 'package.module:ClassName:device')"
+
+
+def adapter_class_from_spec(spec: str) -> type:
+    """The third-party adapter class a ``"package.module:ClassName[:device]"`` spec names.
+
+    Importing ``package.module`` is the only side effect (it runs the module's top-level
+    code, as any import does); the attribute is then checked to be a subclass of
+    ``reformer_core.backends.Backend`` and nothing is called. Anything else (a function
+    such as ``os:system``, an instance, a class of another kind) is refused with
+    ``TypeError`` before it could run; an unimportable module or missing attribute raises
+    ``ValueError``. Both name the spec and the valid form.
+    """
+    from .backends import Backend
+
+    module_name, _, rest = spec.partition(":")
+    class_name, _, _device = rest.partition(":")
+    module_name, class_name = module_name.strip(), class_name.strip()
+    if not module_name or not class_name or not class_name.isidentifier():
+        raise ValueError(
+            f"backend spec {spec!r} is neither a registered name ({', '.join(_adapters())}) nor a "
+            f"third-party adapter's {_SPEC_FORM}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot load adapter {spec!r}: {error}; give it as {_SPEC_FORM}") from None
+    try:
+        cls = getattr(module, class_name)
+    except AttributeError:
+        raise ValueError(f"cannot load adapter {spec!r}: module {module_name!r} has no attribute "
+                         f"{class_name!r}; give it as {_SPEC_FORM}") from None
+    # Checked before anything is called: a spec may name only a Backend subclass.
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(
+            f"backend spec {spec!r} names {module_name}.{class_name}, a {type(cls).__name__}, which is not a "
+            f"subclass of reformer_core.backends.Backend; it was not called. A spec must name an adapter "
+            f"class: {_SPEC_FORM}, with ClassName a subclass of reformer_core.backends.Backend"
+        )
+    return cls
+
+
 def _import_adapter(spec: str, device: Any):
     """A third-party adapter named ``"package.module:ClassName"`` (optionally ``"...:ClassName:device"``)."""
-    module_name, _, rest = spec.partition(":")
-    class_name, _, spec_device = rest.partition(":")
-    if not class_name:
-        raise ValueError(f"adapter {spec!r} must be given as 'package.module:ClassName'")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot load adapter {spec!r}: {error}") from None
+    cls = adapter_class_from_spec(spec)
+    spec_device = spec.partition(":")[2].partition(":")[2].strip()
+    if spec_device and device is not None:
+        raise ValueError(f"backend {spec!r} already names a device; do not also pass device={device!r}")
     return cls(device if device is not None else (spec_device or None))
 
 
@@ -146,7 +185,10 @@ def set_backend(name: Any, device: Any = None):
 
     ``name`` is a registered name (``"numpy"``), optionally with a device (``"torch:cuda"``),
     a third-party adapter's import path (``"package.module:ClassName"``), or a backend object;
-    None clears the default, so ``$REFORMER_BACKEND`` (or NumPy) applies again.
+    None clears the default, so ``$REFORMER_BACKEND`` (or NumPy) applies again. An import
+    path must name a subclass of ``reformer_core.backends.Backend``: its module is imported
+    (the one side effect), anything else there is refused before it is called
+    (:func:`adapter_class_from_spec`).
 
     Returns the backend object (None when cleared). ``use_backend`` blocks still take
     precedence inside them.

@@ -255,7 +255,7 @@ def test_to_moves_everything_and_mismatched_inputs_raise():
         cpu_model(np.zeros((1, 16), dtype=np.int64))
     with pytest.raises(TypeError, match="tokens must be integers"):
         cpu_model(torch.zeros(1, 16))
-    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+    with pytest.raises(TypeError, match="dtype must be one of the floating dtypes"):
         ReformerLM(small_config(), dtype=torch.int32)
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from reformer_core import ReformerConfig, param_shapes, reversible_forward, sample_dropout_masks, sample_rotations
 from reformer_core._model.blocks import reversible_layer
@@ -229,12 +228,6 @@ def _check_randomness(config, length, rotations, dropout_masks):
     if rotations is None:
         raise ValueError("rotations are an explicit input of the jax model; draw them per step with "
                          "jax_model.step_randomness(config, step, batch=..., length=..., like=params)")
-    if not jax.config.jax_enable_x64 and "lsh" in config.attention_layers:
-        num_buckets = config.num_buckets_for(length)
-        total = num_buckets if isinstance(num_buckets, int) else int(np.prod(num_buckets))
-        if config.num_hashes * (total + 1) * length >= 2**31:
-            raise ValueError(f"without x64, LSH sort keys are int32 and num_hashes * (num_buckets + 1) * length = "
-                             f"{config.num_hashes * (total + 1) * length} would overflow them; set JAX_ENABLE_X64=1")
     rotations = resolve_rotations(config, length, None, rotations, like=None)  # one entry per layer
     for i, (kind, rotation) in enumerate(zip(config.attention_layers, rotations)):
         if kind == "lsh" and rotation is None:  # shapes and dtypes are checked by lsh_attention
@@ -273,27 +266,33 @@ def apply(params: dict, tokens: Any, config: ReformerConfig, *, rotations: list,
 
 
 def loss(params: dict, tokens: Any, targets: Any, config: ReformerConfig, *, rotations: list, weights: Any = None,
-         attention_mask: Any = None, dropout_masks: dict | None = None):
+         attention_mask: Any = None, dropout_masks: dict | None = None, ignore_index: int | None = None):
     """Mean token cross-entropy of :func:`apply` (a 0-d array, at least float32).
 
     ``weights``: optional ``(batch, length)`` loss weights, normalised by their sum over the
-    whole (global) batch, so a batch-sharded loss equals the single-device one.
+    whole (global) batch, so a batch-sharded loss equals the single-device one; zero total
+    weight gives loss 0 and zero gradients. ``ignore_index``: a target value whose positions
+    get weight 0. Other targets outside ``[0, vocab_size)`` raise ValueError when the targets
+    are concrete; under ``jax.jit`` they are traced and cannot be checked, and such positions
+    make the loss NaN (never a silently wrong class), see :func:`reformer_core.cross_entropy_loss`.
     """
     logits = apply(params, tokens, config, rotations=rotations, attention_mask=attention_mask,
                    dropout_masks=dropout_masks)
-    return cross_entropy_loss(logits, targets, weights=weights)
+    return cross_entropy_loss(logits, targets, weights=weights, ignore_index=ignore_index)
 
 
 def loss_and_grad(params: dict, tokens: Any, targets: Any, config: ReformerConfig, *, rotations: list,
-                  weights: Any = None, attention_mask: Any = None, dropout_masks: dict | None = None):
+                  weights: Any = None, attention_mask: Any = None, dropout_masks: dict | None = None,
+                  ignore_index: int | None = None):
     """``(loss, grads)``: :func:`loss` and its gradient with respect to ``params``.
 
     Equals :func:`reformer_core.value_and_grad` given the same rotations and dropout
-    masks. Jit it with ``jax.jit(loss_and_grad, static_argnames="config")``.
+    masks. Jit it with ``jax.jit(loss_and_grad, static_argnames=("config", "ignore_index"))``
+    (``ignore_index`` static when given).
     """
     return jax.value_and_grad(
         lambda p: loss(p, tokens, targets, config, rotations=rotations, weights=weights,
-                       attention_mask=attention_mask, dropout_masks=dropout_masks)
+                       attention_mask=attention_mask, dropout_masks=dropout_masks, ignore_index=ignore_index)
     )(params)
 
 

@@ -15,11 +15,20 @@ On-disk layout (a plain NumPy ``.npz`` archive, uncompressed, no pickled objects
 
 Paths are those of the pytree helpers (``layers/0/attention/qk``). The file can be inspected with
 ``numpy.load(path, allow_pickle=False)`` alone.
+
+Loading validates before it decompresses: the zip directory's declared (uncompressed) size
+of every entry, then each entry's ``.npy`` header (a few hundred bytes), are checked against
+what the stored config implies (the parameter shapes of ``param_shapes(config)``; a bound for
+the optimizer state and the text entries) before any array data is read, so a damaged or
+crafted file (a zip bomb) is refused without the memory it claims. The config itself is
+trusted to size the model: a config that implies a huge model makes its (real) parameters
+that large.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 import zipfile
@@ -112,6 +121,11 @@ def _metadata_json(metadata: Any) -> str:
         raise TypeError(
             f"metadata must be JSON data (dicts, lists, str, finite numbers, bool, None): {error}"
         ) from None
+    if len(text.encode("utf-8")) > _MAX_TEXT_BYTES:
+        raise ValueError(
+            f"metadata takes {len(text.encode('utf-8'))} bytes as JSON, more than the {_MAX_TEXT_BYTES} a checkpoint "
+            f"stores (load_checkpoint refuses larger text entries); keep large data in optimizer_state arrays"
+        )
     if json.loads(text) != metadata:
         raise TypeError(
             "metadata does not survive JSON unchanged (tuples become lists, non-str keys become str); "
@@ -248,8 +262,9 @@ def load_checkpoint(
             differing fields otherwise).
         backend: where to put the arrays: a name (``"numpy"``, ``"strict:device1"``) or a
             backend object; default ``get_backend()``.
-        dtype: cast floating arrays (params and optimizer state) to this dtype; default:
-            keep the stored dtypes. Integer and bool leaves keep theirs.
+        dtype: cast floating arrays (params and optimizer state) to this floating dtype
+            (float16, bfloat16, float32 or float64; anything else raises TypeError before the
+            file is read); default: keep the stored dtypes. Integer and bool leaves keep theirs.
 
     Returns:
         ``Checkpoint(params, config, optimizer_state, metadata)``; python scalars of the
@@ -257,19 +272,25 @@ def load_checkpoint(
 
     Raises ValueError naming the file for anything wrong with it: not a readable ``.npz``,
     truncated or corrupted, pickled objects inside, missing or unknown format marker,
-    missing or unexpected leaves, params that do not fit the stored config.
+    missing or unexpected leaves, params that do not fit the stored config, and any entry
+    larger than the stored config allows (checked from the zip directory and the .npy headers
+    before any data is decompressed: each parameter must have its config shape; an
+    optimizer-state leaf may hold at most 16 bytes per parameter element, all of them together
+    8 times that; each text entry at most 16 MiB).
     """
     from .._registry import resolve_backend
-    from .._model.lm import check_params
+    from .._model.lm import check_params, parameter_dtype
 
     name = os.fspath(path)
     if config is not None and not isinstance(config, ReformerConfig):
         raise TypeError(f"config must be a ReformerConfig or None, got {type(config).__name__}")
     target = resolve_backend(backend)
     if dtype is not None:
-        target.dtype(dtype)  # unknown dtype names fail here, before reading the file
+        parameter_dtype(target, dtype)  # integer or unknown dtypes fail here, before reading the file
 
-    arrays = _read_npz(name)
+    members = _members(name)
+    # The special entries first (bounded by _MAX_TEXT_BYTES each): the config sizes the rest.
+    arrays = _read_members(name, members, [key for key in _SPECIAL_KEYS if key in members])
     _check_format(name, arrays)
     stored_config = _stored_config(name, arrays)
     if config is not None and config != stored_config:
@@ -285,13 +306,16 @@ def load_checkpoint(
     _leaf_kinds(name, structure[_PARAMS], _PARAMS, expected)
     if structure[_OPTIMIZER] is not None:
         _leaf_kinds(name, structure[_OPTIMIZER], _OPTIMIZER, expected)
-    present = set(arrays) - set(_SPECIAL_KEYS)
+    present = set(members) - set(_SPECIAL_KEYS)
     needed = {key for key, kind in expected.items() if kind != "none"}
     missing, extra = sorted(needed - present), sorted(present - needed)
     if missing:
         raise ValueError(f"checkpoint {name} is missing leaves {_listing(missing)}; the file is incomplete or damaged")
     if extra:
         raise ValueError(f"checkpoint {name} has unexpected entries {_listing(extra)}, not in its {_STRUCTURE_KEY}")
+    # Every size is checked against what the config implies before any array data is read.
+    _check_sizes(name, members, sorted(needed), stored_config)
+    arrays.update(_read_members(name, members, sorted(needed)))
     for key in needed:
         if arrays[key].dtype.kind not in "biufc":
             raise ValueError(f"checkpoint {name}: {key} has unsupported dtype {arrays[key].dtype}")
@@ -322,7 +346,15 @@ def _unreadable(name: str, why: str) -> ValueError:
     )
 
 
-def _read_npz(name: str) -> dict[str, np.ndarray]:
+class _Member(NamedTuple):
+    """One ``<key>.npy`` entry of the archive, as its zip directory declares it."""
+
+    info: zipfile.ZipInfo
+    declared: int  # uncompressed bytes, header included (ZipInfo.file_size)
+
+
+def _members(name: str) -> dict[str, _Member]:
+    """The archive's entries by key, read from the zip directory alone (no data decompressed)."""
     if not os.path.exists(name):
         raise FileNotFoundError(f"checkpoint file {name} does not exist")
     if os.path.isdir(name):
@@ -335,17 +367,140 @@ def _read_npz(name: str) -> dict[str, np.ndarray]:
     if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
         raise _unreadable(name, "not a .npz (zip) archive")
     try:
-        with np.load(name, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+        with zipfile.ZipFile(name) as archive:
+            infos = archive.infolist()
+    except _READ_ERRORS as error:
+        raise _unreadable(name, f"{type(error).__name__}: {error}") from None
+    members: dict[str, _Member] = {}
+    for info in infos:
+        if info.is_dir() or not info.filename.endswith(".npy"):
+            raise ValueError(f"checkpoint {name} has unexpected entry {info.filename!r}; "
+                             f"a checkpoint holds only .npy arrays")
+        key = info.filename[: -len(".npy")]
+        if key in members:
+            raise ValueError(f"checkpoint {name} holds entry {info.filename!r} twice; the file is damaged or crafted")
+        members[key] = _Member(info, info.file_size)
+    return members
+
+
+# Bounds on what one entry may declare before it is decompressed. The text entries have no
+# size in the config: 16 MiB each (save_checkpoint refuses larger metadata). The .npy header
+# of an entry is at most _HEADER_BYTES. Parameters must have exactly the config's shapes; an
+# optimizer-state leaf may hold at most as many bytes as all parameters at 16 bytes per
+# element, and all of them together 8 times that.
+_MAX_TEXT_BYTES = 16 * 2**20
+_HEADER_BYTES = 64 * 2**10
+_MAX_ITEMSIZE = 8  # float64 / int64: the widest dtype a parameter leaf may use
+_OPTIMIZER_LEAF_BYTES_PER_PARAM = 16
+_OPTIMIZER_TOTAL_FACTOR = 8
+
+
+def _too_large(name: str, key: str, declared: int, limit: int, why: str) -> ValueError:
+    return ValueError(
+        f"checkpoint {name}: entry {key}.npy declares {declared} bytes uncompressed, more than the {limit} {why}; "
+        f"refused before decompressing it (the file is damaged, or crafted to exhaust memory)"
+    )
+
+
+def _check_sizes(name: str, members: dict, keys: list[str], config: ReformerConfig) -> None:
+    """Compare each entry's declared size and .npy header with what ``config`` implies,
+    reading only the headers (a few hundred bytes each)."""
+    from .._model.lm import param_shapes
+    from .._tree import is_shape, tree_paths
+
+    shapes = {_join(_PARAMS, path): tuple(shape) for path, shape in tree_paths(param_shapes(config), is_leaf=is_shape)}
+    elements = {key: math.prod(shape) for key, shape in shapes.items()}
+    total_elements = sum(elements.values())
+    largest = max(elements.values(), default=0)
+    optimizer_leaf = _OPTIMIZER_LEAF_BYTES_PER_PARAM * total_elements + _HEADER_BYTES
+    optimizer_total = _OPTIMIZER_TOTAL_FACTOR * optimizer_leaf
+    optimizer_sum = 0
+    for key in keys:
+        declared = members[key].declared
+        if key in shapes:
+            limit = elements[key] * _MAX_ITEMSIZE + _HEADER_BYTES
+            why = f"bytes parameter {key} of shape {shapes[key]} can take in any dtype"
+        elif key.startswith(_PARAMS + "/"):  # not a parameter of the config: check_params names it later
+            limit = largest * _MAX_ITEMSIZE + _HEADER_BYTES
+            why = "bytes of the config's largest parameter"
+        else:
+            limit = optimizer_leaf
+            why = (f"bytes an optimizer-state leaf may hold ({_OPTIMIZER_LEAF_BYTES_PER_PARAM} bytes per parameter "
+                   f"element, {total_elements} elements)")
+            optimizer_sum += declared
+            if optimizer_sum > optimizer_total:
+                raise _too_large(name, key, optimizer_sum, optimizer_total,
+                                 "bytes all optimizer-state leaves together may hold")
+        if declared > limit:
+            raise _too_large(name, key, declared, limit, why)
+    for key in keys:
+        shape, _, _ = _header(name, members, key)
+        if key in shapes and shape != shapes[key]:
+            raise ValueError(
+                f"checkpoint {name}: parameter {key} has shape {shape} in its .npy header, but the stored config "
+                f"needs {shapes[key]}; were these params saved with another config?"
+            )
+
+
+def _header(name: str, members: dict, key: str):
+    """``(shape, dtype, data offset)`` of entry ``key``, decompressing only its .npy header."""
+    try:
+        with zipfile.ZipFile(name) as archive, archive.open(members[key].info) as file:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
+            else:
+                raise ValueError(f"{key}.npy has .npy format version {version}, which checkpoints do not use")
+            offset = file.tell()
+    except ValueError as error:
+        raise _unreadable(name, f"entry {key}.npy: {error}") from None
+    except _READ_ERRORS as error:
+        raise _unreadable(name, f"entry {key}.npy: {type(error).__name__}: {error}") from None
+    if dtype.hasobject:
+        raise _pickled(name)
+    shape = tuple(int(n) for n in shape)
+    # numpy allocates the array the header describes before reading: it must be what the entry holds.
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offset + nbytes != members[key].declared:
+        raise ValueError(
+            f"checkpoint {name}: entry {key}.npy declares {members[key].declared} bytes, but its .npy header "
+            f"describes {offset + nbytes} ({dtype} {shape}); the file is damaged or crafted"
+        )
+    return shape, dtype, offset
+
+
+def _pickled(name: str) -> ValueError:
+    return ValueError(
+        f"checkpoint {name} contains pickled Python objects; reformer-core checkpoints never do, "
+        f"and loading pickles can run arbitrary code, so it is refused"
+    )
+
+
+def _read_members(name: str, members: dict, keys: list[str]) -> dict[str, np.ndarray]:
+    """The arrays of entries ``keys``; text entries are size-checked first (the rest were)."""
+    for key in keys:
+        if key in _SPECIAL_KEYS and members[key].declared > _MAX_TEXT_BYTES + _HEADER_BYTES:
+            raise _too_large(name, key, members[key].declared, _MAX_TEXT_BYTES + _HEADER_BYTES,
+                             "bytes a text entry may hold")
+    out = {}
+    try:
+        with zipfile.ZipFile(name) as archive:
+            for key in keys:
+                if key in _SPECIAL_KEYS:
+                    _header(name, members, key)  # refuses headers that claim more than the entry holds
+                with archive.open(members[key].info) as file:
+                    out[key] = np.lib.format.read_array(file, allow_pickle=False)
     except ValueError as error:
         if "pickle" in str(error):
-            raise ValueError(
-                f"checkpoint {name} contains pickled Python objects; reformer-core checkpoints never do, "
-                f"and loading pickles can run arbitrary code, so it is refused"
-            ) from None
+            raise _pickled(name) from None
+        if str(error).startswith(f"checkpoint {name}") or str(error).startswith(f"{name} is not"):
+            raise
         raise _unreadable(name, str(error)) from None
     except _READ_ERRORS as error:
         raise _unreadable(name, f"{type(error).__name__}: {error}") from None
+    return out
 
 
 # What a damaged or foreign zip can raise while numpy reads it (besides ValueError).

@@ -8,6 +8,7 @@ layer's blocks, and so replayed exactly by the reversible inverse.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "init_params",
     "param_shapes",
     "check_params",
+    "parameter_dtype",
     "apply",
     "sample_rotations",
     "sample_dropout_masks",
@@ -41,6 +43,7 @@ __all__ = [
     "output_head_vjp",
     "cross_entropy_loss",
     "cross_entropy_loss_vjp",
+    "check_targets",
 ]
 
 
@@ -83,11 +86,68 @@ def _init_leaf(path: str, shape: tuple, seed: int, std: float) -> np.ndarray:
     return rng.normal(0.0, std, size=shape)
 
 
+FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``"float32"`` for ``torch.float32``, ``np.dtype("float32")``, ``jnp.float32``, ..."""
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(dtype).name  # numpy scalar types and jax's dtype classes
+        except TypeError:
+            name = str(dtype)
+    return name.rsplit(".", 1)[-1]
+
+
+def parameter_dtype(backend: Any, dtype: Any):
+    """``backend``'s dtype for ``dtype`` (a name or a dtype object), which must be floating.
+
+    Parameters are only ever float16, bfloat16, float32 or float64: an integer or bool dtype
+    would cast the weights to zeros (TypeError here instead); unknown names raise ValueError.
+    """
+    if isinstance(dtype, str) and dtype not in FLOAT_DTYPE_NAMES:
+        try:
+            np.dtype(dtype)
+            known = True
+        except TypeError:
+            known = False
+        raise (TypeError if known else ValueError)(
+            f"dtype must be a floating dtype, one of {', '.join(FLOAT_DTYPE_NAMES)}, got "
+            f"{'' if known else 'the unknown name '}{dtype!r}"
+            + ("; parameters in an integer or bool dtype would be rounded to zeros" if known else "")
+        )
+    resolved = backend.dtype(dtype)
+    name = _dtype_name(resolved)
+    if name not in FLOAT_DTYPE_NAMES:
+        raise TypeError(
+            f"dtype must be a floating dtype, one of {', '.join(FLOAT_DTYPE_NAMES)}, got {dtype!r}; "
+            f"parameters in an integer, bool or other dtype would be rounded or zeroed"
+        )
+    if not isinstance(dtype, str):
+        expected = backend.dtype(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # array_api_strict warns on comparisons with NumPy dtypes
+            try:
+                same = bool(resolved == expected)
+            except (TypeError, ValueError, AttributeError):
+                same = False
+            try:  # NumPy's dtype objects name JAX's and CuPy's dtypes too
+                same = same or np.dtype(resolved) == np.dtype(expected)
+            except TypeError:
+                pass
+        if not same:
+            raise TypeError(f"dtype {dtype!r} is not a dtype of backend {backend.name!r}; pass its name {name!r}")
+    return resolved
+
+
 def init_params(config: ReformerConfig, seed: int = 0, *, backend: Any = None, dtype: Any = "float32") -> dict:
     """Parameters for ``config``: drawn in float64 NumPy from ``seed``, cast, moved to ``backend``.
 
     Weights are normal with standard deviation ``config.initializer_range``, layer-norm
     scales one, biases zero. ``backend``: a backend object or name (default ``get_backend()``).
+    ``dtype``: float16, bfloat16, float32 (default) or float64, as a name or the backend's
+    dtype object; anything else (an integer or bool dtype) raises TypeError.
     """
     from .._registry import resolve_backend
 
@@ -96,6 +156,7 @@ def init_params(config: ReformerConfig, seed: int = 0, *, backend: Any = None, d
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     backend = resolve_backend(backend)
+    dtype = parameter_dtype(backend, dtype)
     return tree_map_with_path(
         lambda path, shape: backend.from_numpy(_init_leaf(path, shape, seed, config.initializer_range), dtype=dtype),
         param_shapes(config), is_leaf=is_shape,
@@ -131,13 +192,25 @@ def check_params(params: Any, config: ReformerConfig, *, shapes: dict | None = N
     dtypes = {str(leaf.dtype) for leaf in leaves}
     if len(dtypes) != 1:
         raise TypeError(f"params mix dtypes {sorted(dtypes)}; cast them to one dtype")
+    (dtype,) = dtypes
+    if _dtype_name(leaves[0].dtype) not in FLOAT_DTYPE_NAMES:
+        raise TypeError(f"params have dtype {dtype}; parameters must be floating "
+                        f"({', '.join(FLOAT_DTYPE_NAMES)}): cast them, or make them with init_params(..., dtype=...)")
 
 
 # ---------------------------------------------------------------- randomness
 
 
 def sample_rotations(config: ReformerConfig, length: int, seed: int, *, like: Any) -> list:
-    """Rotations for every LSH layer (None for other layers), drawn from ``(seed, layer)``."""
+    """Rotations for every LSH layer (None for other layers), drawn from ``(seed, layer)``.
+
+    With ``config.hash_seed`` set, ``seed`` is ignored: every LSH layer gets the rotations HF
+    transformers draws for that ``hash_seed`` (needs torch; see ``docs/hf.md``).
+    """
+    if config.hash_seed is not None:
+        from .hash_seed import hash_seed_rotations
+
+        return hash_seed_rotations(config, length, like=like)
     num_buckets = config.num_buckets_for(length)
     return [
         random_rotations((seed, i), config.num_heads, config.head_dim, config.num_hashes, num_buckets, like=like)
@@ -318,24 +391,71 @@ def resolve_rotations(config, length, rotations_seed, rotations, *, like):
     return rotations
 
 
-def cross_entropy_loss(logits: Any, targets: Any, *, weights: Any = None):
+def cross_entropy_loss(logits: Any, targets: Any, *, weights: Any = None, ignore_index: int | None = None,
+                       check_values: bool = True):
     """Mean token cross-entropy, ``-sum(w * log softmax(logits)[target]) / sum(w)``.
 
     Args:
         logits: ``(batch, length, vocab)``; computed in at least float32.
-        targets: int ``(batch, length)``.
+        targets: int ``(batch, length)``, each in ``[0, vocab)``, or ``ignore_index``.
         weights: optional ``(batch, length)`` float or bool, e.g. 1 on the positions to score.
+        ignore_index: optional target value (e.g. -100, as in torch) whose positions get
+            weight 0. Without it, no target value is special.
+        check_values: check the targets' range (one device sync); see below.
+
+    Targets are never wrapped to a real class: a target outside ``[0, vocab)`` that is not
+    ``ignore_index`` raises ValueError naming the value and the range. That check needs
+    concrete values: on traced arrays (inside ``jax.jit``), or with ``check_values=False``,
+    it cannot raise, and such a position's loss is NaN instead (so the loss is NaN, never a
+    silently wrong number); ``ignore_index`` positions still get weight 0.
+
+    When the weights sum to zero (all zero, or every position ignored) the loss is 0 and
+    its gradient is zero everywhere (not NaN): there is nothing to score.
 
     Returns:
         a 0-d array of at least float32.
     """
-    return cross_entropy_loss_vjp(logits, targets, weights=weights, with_pullback=False)[0]
+    return cross_entropy_loss_vjp(logits, targets, weights=weights, ignore_index=ignore_index,
+                                  check_values=check_values, with_pullback=False)[0]
 
 
-def cross_entropy_loss_vjp(logits: Any, targets: Any, *, weights: Any = None, with_pullback: bool = True):
+def _concrete_range(xp, array) -> tuple[int, int] | None:
+    """``(min, max)`` of an integer array, or None when its values are traced (jax.jit)."""
+    try:
+        return int(xp.min(array)), int(xp.max(array))
+    except TypeError as error:  # jax's ConcretizationTypeError is a TypeError: a tracer has no value
+        if type(error).__module__.split(".", 1)[0] == "jax":
+            return None
+        raise
+
+
+def check_targets(xp, targets, vocab_size: int, ignore_index: int | None) -> None:
+    """ValueError when a concrete target lies outside ``[0, vocab_size)`` and is not ``ignore_index``."""
+    if not targets.shape[0] * targets.shape[1]:
+        return
+    if ignore_index is not None:
+        targets = xp.where(targets == ignore_index, xp.zeros_like(targets), targets)
+    found = _concrete_range(xp, targets)
+    if found is None:
+        return
+    low, high = found
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        hint = (f"targets equal to ignore_index={ignore_index} are skipped, other values must be valid classes"
+                if ignore_index is not None else
+                f"to skip positions, pass ignore_index={bad} (they get weight 0) or give them weight 0 and a "
+                f"valid target")
+        raise ValueError(
+            f"targets must lie in [0, vocab_size={vocab_size}), got {bad} (values in [{low}, {high}]); {hint}"
+        )
+
+
+def cross_entropy_loss_vjp(logits: Any, targets: Any, *, weights: Any = None, ignore_index: int | None = None,
+                           check_values: bool = True, with_pullback: bool = True):
     """``(loss, pullback)``; ``pullback(d_loss) -> d_logits`` (in the logits' dtype).
 
-    ``d_logits = d_loss * w * (softmax(logits) - onehot(target)) / sum(w)``.
+    ``d_logits = d_loss * w * (softmax(logits) - onehot(target)) / sum(w)`` (zero when
+    ``sum(w) == 0``). Targets and ``ignore_index`` as for :func:`cross_entropy_loss`.
     """
     xp = namespace(logits, targets, weights)
     if logits.ndim != 3 or tuple(targets.shape) != tuple(logits.shape[:2]):
@@ -347,24 +467,45 @@ def cross_entropy_loss_vjp(logits: Any, targets: Any, *, weights: Any = None, wi
         raise TypeError(f"targets must be integers, got {targets.dtype}")
     if weights is not None and tuple(weights.shape) != tuple(targets.shape):
         raise ValueError(f"weights must have the targets' shape {tuple(targets.shape)}, got {tuple(weights.shape)}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int (e.g. -100) or None, got {ignore_index!r}")
+    vocab_size = logits.shape[-1]
+    if check_values:
+        check_targets(xp, targets, vocab_size, ignore_index)
     wide = xp.result_type(logits.dtype, xp.float32)
+    device = device_of(logits)
     wide_logits = xp.astype(logits, wide)
     targets = xp.astype(targets, xp.int64)
+    shape = tuple(targets.shape)
+    ignored = (targets == ignore_index) if ignore_index is not None else None
+    valid = (targets >= 0) & (targets < vocab_size)
+    if ignored is not None:
+        valid = valid | ignored
+    # Out-of-range targets reach here only unchecked (traced): their loss is NaN, never a
+    # wrapped-around class; ignored ones gather class 0 and get weight 0.
+    safe_targets = xp.where((targets >= 0) & (targets < vocab_size), targets, xp.zeros_like(targets))
     lse = logsumexp(xp, wide_logits, axis=-1)
-    nll = lse - xp.take_along_axis(wide_logits, targets[..., None], axis=-1)[..., 0]
+    nll = lse - xp.take_along_axis(wide_logits, safe_targets[..., None], axis=-1)[..., 0]
+    nll = xp.where(valid, nll, xp.full(shape, float("nan"), dtype=wide, device=device))
     if weights is None:
-        w = xp.full(tuple(targets.shape), 1.0 / (targets.shape[0] * targets.shape[1]), dtype=wide,
-                    device=device_of(logits))
+        w = xp.ones(shape, dtype=wide, device=device)
     else:
         w = xp.astype(weights, wide)
-        w = w / xp.sum(w)
+    if ignored is not None:
+        w = xp.where(ignored, xp.zeros_like(w), w)
+    if weights is None and ignored is None:
+        w = w / float(shape[0] * shape[1] or 1)
+    else:
+        total = xp.sum(w)
+        # Zero total weight: nothing to score, so loss 0 and zero gradients rather than 0/0 = NaN.
+        w = w / xp.where(total == 0, xp.ones_like(total), total)
     loss = xp.sum(nll * w)
     if not with_pullback:
         return loss, None
 
     def pullback(d_loss):
-        vocab = xp.arange(logits.shape[-1], dtype=xp.int64, device=device_of(logits))
-        one_hot = xp.astype(targets[..., None] == vocab, wide)
+        vocab = xp.arange(vocab_size, dtype=xp.int64, device=device)
+        one_hot = xp.astype(safe_targets[..., None] == vocab, wide)
         probs = xp.exp(wide_logits - lse[..., None])
         return xp.astype((probs - one_hot) * (w * d_loss)[..., None], logits.dtype)
 

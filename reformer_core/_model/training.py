@@ -15,6 +15,7 @@ from .blocks import reversible_layers
 from .._config import ReformerConfig
 from .lm import (
     check_params,
+    check_targets,
     check_tokens,
     cross_entropy_loss_vjp,
     embed,
@@ -36,6 +37,7 @@ def value_and_grad(
     config: ReformerConfig,
     *,
     weights: Any = None,
+    ignore_index: int | None = None,
     rotations_seed: int = 0,
     rotations: list | None = None,
     attention_mask: Any = None,
@@ -53,6 +55,9 @@ def value_and_grad(
         check_values: as for :func:`apply`.
         targets: int ``(batch, length)``.
         weights: optional ``(batch, length)`` loss weights (e.g. 1 on the scored half).
+        ignore_index: optional target value whose positions get weight 0 (e.g. -100). Any
+            other target outside ``[0, vocab_size)`` raises ValueError (with ``check_values``).
+            Zero total weight gives loss 0 and zero gradients; see :func:`cross_entropy_loss`.
         reversible: rebuild activations layer by layer (memory flat in depth); False stores
             every layer's activations instead (the ordinary way, for comparison).
 
@@ -67,6 +72,12 @@ def value_and_grad(
     table = params["embedding"]["tokens"]
     xp = namespace(tokens, targets, table, weights, attention_mask)
     check_tokens(xp, tokens, config, check_values)
+    if tuple(targets.shape) != tuple(tokens.shape):
+        raise ValueError(f"targets must have the tokens' shape {tuple(tokens.shape)}, got {tuple(targets.shape)}")
+    if not xp.isdtype(targets.dtype, "integral"):
+        raise TypeError(f"targets must be integers, got {targets.dtype}")
+    if check_values:  # before any work: the loss is computed after the whole forward
+        check_targets(xp, targets, config.vocab_size, ignore_index)
     check_same_device({"tokens": tokens, "targets": targets, "params": table, "weights": weights,
                        "attention_mask": attention_mask})
     backend = backend_for(table)
@@ -85,11 +96,13 @@ def value_and_grad(
     def head_loss(p, y):
         y1, y2 = y
         logits = output_head(xp, p, y1, y2, config, head_keep)
-        return cross_entropy_loss_vjp(logits, targets, weights=weights, with_pullback=False)[0]
+        return cross_entropy_loss_vjp(logits, targets, weights=weights, ignore_index=ignore_index,
+                                      check_values=False, with_pullback=False)[0]
 
     def head_loss_rule(p, y):
         logits, head_pullback = output_head_vjp(xp, p, y[0], y[1], config, head_keep)
-        loss, loss_pullback = cross_entropy_loss_vjp(logits, targets, weights=weights)
+        loss, loss_pullback = cross_entropy_loss_vjp(logits, targets, weights=weights, ignore_index=ignore_index,
+                                                     check_values=False)
 
         def pullback(d_loss):
             d_p, d_y1, d_y2 = head_pullback(loss_pullback(d_loss))
