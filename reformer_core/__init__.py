@@ -14,7 +14,9 @@ from ._attention.local import local_attention, local_attention_vjp
 from ._attention.lsh import lsh_attention, lsh_attention_vjp
 from ._config import ReformerConfig, default_num_buckets
 from ._io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ._io.hf import from_pretrained, save_pretrained
 from ._model.autodiff import Differentiable
+from ._model.generate import generate
 from ._model.lm import apply, cross_entropy_loss, init_params, param_shapes, sample_dropout_masks, sample_rotations
 from ._model.optim import Adam, warmup_inverse_sqrt
 from ._model.reversible import (
@@ -41,8 +43,10 @@ __all__ = [
     "backend_for",
     "cross_entropy_loss",
     "default_num_buckets",
+    "from_pretrained",
     "full_attention",
     "full_attention_vjp",
+    "generate",
     "get_backend",
     "hash_vectors",
     "init_params",
@@ -61,6 +65,7 @@ __all__ = [
     "sample_dropout_masks",
     "sample_rotations",
     "save_checkpoint",
+    "save_pretrained",
     "set_backend",
     "standard_path",
     "stored_backward",

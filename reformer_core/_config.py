@@ -102,6 +102,11 @@ class ReformerConfig:
         hidden_dropout, attention_dropout: dropout rates in [0, 1).
         layer_norm_eps: epsilon of every layer norm.
         initializer_range: standard deviation of the normal initialisation.
+        hash_seed: None (default): LSH rotations come from reformer-core's explicit seeds
+            (``rotations_seed``). An int: every LSH layer, at every call, hashes with the
+            rotations HF transformers draws for ``hash_seed`` (``torch.manual_seed(hash_seed)``
+            then ``torch.randn``, on the CPU, in the activations' dtype); ``rotations_seed`` is
+            then ignored. Needs torch; see ``docs/hf.md``.
     """
 
     vocab_size: int
@@ -128,6 +133,7 @@ class ReformerConfig:
     attention_dropout: float = 0.0
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    hash_seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_hashes",
@@ -164,6 +170,13 @@ class ReformerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive float, got {value!r}")
+        if self.hash_seed is not None:
+            if isinstance(self.hash_seed, bool) or not isinstance(self.hash_seed, int):
+                raise TypeError(f"hash_seed must be an int or None, got {type(self.hash_seed).__name__} "
+                                f"({self.hash_seed!r})")
+            if not -(2**63) <= self.hash_seed < 2**64:  # the range torch.manual_seed accepts
+                raise ValueError(f"hash_seed must lie in [-2**63, 2**64) (torch.manual_seed's range), "
+                                 f"got {self.hash_seed}")
 
     def _validate_axial(self) -> None:
         if not isinstance(self.axial_pos_shape, tuple) or not self.axial_pos_shape:

@@ -27,6 +27,8 @@ from reformer_core._tree import tree_leaves, tree_map, tree_unflatten
 
 __all__ = ["ReversibleStack", "reversible_stack", "ReformerLM", "step_seed"]
 
+_PARAMETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """A 63-bit seed for training step ``step`` of a run seeded ``seed`` (``stream`` 0 for
@@ -153,7 +155,9 @@ class ReformerLM(nn.Module):
     Args:
         config: a :class:`reformer_core.ReformerConfig`.
         seed: parameter and randomness seed.
-        dtype: parameter dtype (default float32); ``.to()``, ``.double()``, ``.bfloat16()`` work too.
+        dtype: parameter dtype, one of torch.float16, torch.bfloat16, torch.float32 (default) and
+            torch.float64 (anything else raises TypeError); ``.to()``, ``.double()``, ``.bfloat16()``
+            work too.
         device: where to create the parameters.
     """
 
@@ -162,8 +166,9 @@ class ReformerLM(nn.Module):
         super().__init__()
         if not isinstance(config, ReformerConfig):
             raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+        if dtype not in _PARAMETER_DTYPES:  # float8 types are "floating" too, but not parameter dtypes
+            raise TypeError(f"dtype must be one of the floating dtypes torch.float16, torch.bfloat16, torch.float32, "
+                            f"torch.float64 (parameters in other dtypes are rounded or zeroed), got {dtype!r}")
         self.config = config
         self.seed = seed
         self.rotations_seed = seed if rotations_seed is None else rotations_seed
@@ -179,6 +184,27 @@ class ReformerLM(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.seed, self.rotations_seed, self.step = int(state["seed"]), int(state["rotations_seed"]), int(state["step"])
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: Any = None, device: Any = None, config_overrides: dict | None = None,
+                        seed: int = 0, rotations_seed: int | None = None) -> "ReformerLM":
+        """The model of a local HF Reformer folder (``reformer_core.from_pretrained``), in eval mode.
+
+        ``dtype``: a torch dtype or name (default: the stored one); ``device``: where the
+        parameters go (default CPU). With ``hash_seed`` in the HF config the LSH rotations are
+        HF's (``docs/hf.md``); otherwise they come from ``rotations_seed`` as usual.
+        """
+        from reformer_core import from_pretrained
+
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).rsplit(".", 1)[-1]
+        spec = "torch" if device is None else f"torch:{torch.device(device)}"
+        params, config = from_pretrained(path, backend=spec, dtype=dtype, config_overrides=config_overrides)
+        first = tree_leaves(params)[0]
+        model = cls(config, seed=seed, dtype=first.dtype, device=first.device, rotations_seed=rotations_seed)
+        with torch.no_grad():
+            tree_map(lambda live, loaded: live.copy_(loaded), model.parameter_tree(), params)
+        return model.eval()
 
     def parameter_tree(self) -> dict:
         """The parameters as the core's pytree (``init_params``'s structure), live ``nn.Parameter`` s."""
@@ -229,6 +255,20 @@ class ReformerLM(nn.Module):
         y1, y2 = reversible_stack(params["layers"], x, x, config, rotations=rotations,
                                   attention_mask=attention_mask, dropout_seed=dropout_seed)
         return output_head(xp, params, y1, y2, config, masks["output"] if masks else None)
+
+    def generate(self, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | None = None, seed: int = 0,
+                 rotations_seed: int | None = None):
+        """Cached autoregressive generation: ``reformer_core.generate`` with this module's
+        parameters, without autograd; ``rotations_seed`` defaults to the eval-mode one, so greedy
+        tokens match ``forward`` in eval mode on the padded prefix. See ``docs/generate.md``."""
+        from reformer_core import generate
+
+        self._check_inputs(prompt, None)
+        with torch.no_grad():
+            return generate(self.parameter_tree(), self.config, prompt, max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
+                            rotations_seed=self.rotations_seed if rotations_seed is None else rotations_seed)
 
     def extra_repr(self) -> str:
         c = self.config
