@@ -5,17 +5,20 @@ step that follows, with the core's exact semantics (``attend``: bias, then causa
 masks replaced by -1e9, then the self mask by -1e5, an explicitly normalised softmax, the
 log-sum-exp per row, then ``combine_rounds``), but laid out for speed and memory:
 
-* the sorted queries, keys and values are gathered once, batch-major ``(b*h, rows, d)``;
-  keys and values get a halo (``num_chunks_before`` chunks in front, ``num_chunks_after``
-  behind, wrapping), so every chunk's window is a run of consecutive rows: an overlapping
-  ``as_strided`` view, never a copy (``bmm`` reads it in place);
-* chunks are processed in blocks whose logits stay under :data:`BLOCK_BYTES`; masks are
-  compared from positions per block, filled in place;
-* the forward keeps only the sorted queries/keys/values, positions and the per-round outputs
-  and log-sum-exps; the backward recomputes each block's probabilities (flash-style), so
-  memory is O(length) per layer, not O(length x window);
-* gradients are summed back over rounds and halo copies by gathers and slice additions in a
-  fixed order (no atomic scatter), so they are deterministic on every device.
+* chunks are processed in blocks (one batch x head row, a run of chunks) whose logits stay
+  under :data:`BLOCK_BYTES`; each block gathers its query rows and the rows of its window
+  chunks (``num_chunks_before`` back, ``num_chunks_after`` ahead, wrapping) into reused
+  buffers, and every chunk's window is an overlapping ``as_strided`` view of those rows,
+  never a copy (``bmm`` reads it in place);
+* masks are compared from positions per block and filled in place (a padding key carries
+  a position past every query, so one comparison makes the causal and the padding mask);
+* the forward keeps only its inputs (``qk``, the keys, the values), index vectors and the
+  per-round outputs and log-sum-exps, nothing in sorted order; the backward recomputes each
+  block's probabilities (flash-style), so memory is O(length) per layer, not
+  O(length x window);
+* results are written to per-round rows with ``index_copy_`` and gradients added to the
+  input rows with an accumulating ``index_put_``, block after block (deterministic on the
+  CPU; on CUDA the Triton kernel, ``triton_lsh.py``, runs when it can).
 
 Autocast is switched off inside, and 16-bit inputs are computed in float32 (the core's
 ``logits_dtype``): the mask constants always fit the logits, and the result comes back in the
@@ -48,7 +51,7 @@ def lsh_chunk_attention(qk, v, perm, undo, *, key_keep, logit_bias, dropout_keep
 
     keys = shared_qk_keys(xp, qk)  # autograd differentiates the key normalisation itself
     wide = torch.promote_types(qk.dtype, torch.float32)  # logits_dtype: float32 for 16-bit inputs
-    result = _SortedChunkAttention.apply(qk.to(wide), keys.to(wide), v.to(wide), perm, undo, key_keep, logit_bias,
+    result = _SortedChunkAttention.apply(qk.to(wide), keys.to(wide), v.to(wide), perm, key_keep, logit_bias,
                                          dropout_keep, float(dropout_rate), chunk_length, num_chunks_before,
                                          num_chunks_after, bool(causal))
     return result.to(v.dtype)
@@ -67,15 +70,12 @@ class _Geometry:
         self.chunks = self.rows // chunk_length
         self.before, self.after = before, after
         self.width = before + 1 + after  # chunks per window
-        self.halo_rows = (self.chunks + before + after) * chunk_length
-        per_chunk = chunk_length * self.width * chunk_length * qk.element_size()
+        self.window_rows = self.width * chunk_length
+        per_chunk = chunk_length * self.window_rows * qk.element_size()
         per_block = max(1, BLOCK_BYTES // per_chunk)
-        if per_block >= self.chunks:  # whole sequences fit: a block spans several (batch, head) rows
-            step = per_block // self.chunks
-            self.blocks = [(h, min(h + step, self.bh), 0, self.chunks) for h in range(0, self.bh, step)]
-        else:
-            self.blocks = [(h, h + 1, s, min(s + per_block, self.chunks))
-                           for h in range(self.bh) for s in range(0, self.chunks, per_block)]
+        # One (batch, head) row per block, so every product is a 3-D bmm over window views.
+        self.blocks = [(h, s, min(s + per_block, self.chunks))
+                       for h in range(self.bh) for s in range(0, self.chunks, per_block)]
 
         # (chunk, window slot) pairs whose slot holds a chunk of another round (or the chunk
         # itself, wrapped round a short sequence): where a query may meet its position off the diagonal.
@@ -89,35 +89,44 @@ class _Geometry:
         return (chunk[:, None] * self.c + torch.arange(self.c, device=device)).reshape(-1)
 
 
-def _gather_rows(x, flat_index, geo, count):
-    """Rows of ``x (b, h, L, d)`` at flat indices ``(b*h*count,)`` -> ``(b*h, count, d)``."""
-    return x.reshape(geo.bh * geo.length, geo.d).index_select(0, flat_index).view(geo.bh, count, geo.d)
+class _Indices:
+    """Index vectors of one call, all ``(b*h, ...)``: where each sorted row and halo row lives.
 
+    ``flat``/``flat_halo`` index rows of ``(b*h*L, d)`` inputs; ``out_index`` indexes rows of
+    the per-round outputs ``(b*h*n*L, d)``; ``pos``/``pos_halo`` are original positions and
+    ``key_pos`` the positions the causal/padding comparison uses (padding keys sit past every
+    query), or None without a mask.
+    """
 
-def _window(x, geo, h0, h1, s, e):
-    """The windows of chunks ``s:e`` of halo rows ``x (b*h, halo_rows, ...)``: a view
-    ``(h1-h0, e-s, window_rows, ...)`` whose windows overlap in memory."""
-    base = x[h0:h1, s * geo.c:]
-    tail = tuple(base.shape[2:])
-    tail_strides = tuple(base.stride()[2:])
-    return base.as_strided((h1 - h0, e - s, geo.width * geo.c, *tail),
-                           (base.stride(0), geo.c * base.stride(1), base.stride(1), *tail_strides))
+    def __init__(self, geo, perm, key_keep, causal):
+        device = perm.device
+        offsets = torch.arange(geo.bh, device=device)[:, None]
+        perm2 = perm.reshape(geo.bh, geo.rows)
+        self.pos = perm2 % geo.length
+        halo = geo.halo_index(device)
+        self.pos_halo = self.pos[:, halo]
+        self.flat = self.pos + offsets * geo.length
+        self.flat_halo = self.flat[:, halo]
+        self.out_index = perm2 + offsets * geo.rows
+        self.key_pos = self.pos_halo if causal else None
+        if key_keep is not None:
+            heads = geo.shape[1]
+            keep = key_keep[:, None, :].expand(-1, heads, -1).reshape(-1)[self.flat_halo]
+            far = torch.full_like(self.pos_halo, geo.length)  # after every query: masked by "key > query"
+            self.key_pos = torch.where(keep, self.pos_halo, far)
+            self.pad_only = not causal
+        else:
+            self.pad_only = False
 
+    def tensors(self):
+        return self.pos, self.pos_halo, self.flat, self.flat_halo, self.out_index, self.key_pos
 
-def _chunks(x, geo, h0, h1, s, e):
-    """Sorted rows ``x (b*h, n*L, ...)`` of chunks ``s:e`` as ``(h1-h0, e-s, c, ...)``."""
-    part = x[h0:h1, s * geo.c:e * geo.c]
-    return part.view(h1 - h0, e - s, geo.c, *part.shape[2:])  # a view: results are written through it
-
-
-def _matmul(a, b, out):
-    """Batched matmul of ``(g, m, i, k) @ (g, m, k, j)`` into ``out``; with one group as a 3-D
-    ``bmm``, which reads overlapping window views in place."""
-    if a.shape[0] == 1:
-        torch.bmm(a[0], b[0], out=out[0])
-    else:
-        torch.matmul(a, b, out=out)
-    return out
+    @classmethod
+    def from_tensors(cls, tensors, pad_only):
+        self = cls.__new__(cls)
+        self.pos, self.pos_halo, self.flat, self.flat_halo, self.out_index, self.key_pos = tensors
+        self.pad_only = pad_only
+        return self
 
 
 class _Workspace:
@@ -139,118 +148,103 @@ class _Workspace:
         return buffer[:count].view(shape)
 
 
-class _Saved:
-    """What one block's logits are computed from (the forward's inputs or the saved tensors)."""
+class _Block:
+    """One block: chunks ``s:e`` of (batch x head) row ``h``, its rows gathered into buffers."""
 
-    def __init__(self, q, k, v, pos, pos_halo, keep_halo, bias, keep_drop, rate, causal, bad=None):
-        self.q, self.k, self.v, self.bad = q, k, v, bad
-        self.pos, self.pos_halo, self.keep_halo = pos, pos_halo, keep_halo
-        self.bias, self.keep_drop, self.rate, self.causal = bias, keep_drop, rate, causal
+    def __init__(self, geo, index, block, work, qk, keys, values):
+        self.h, self.s, self.e = h, s, e = block
+        self.m = e - s
+        c, d = geo.c, geo.d
+        self.geo = geo
+        self.query_rows = index.flat[h, s * c:e * c]
+        self.halo_rows = index.flat_halo[h, s * c:(e + geo.width - 1) * c]
+        self.out_rows = index.out_index[h, s * c:e * c]
+        self.q = torch.index_select(qk, 0, self.query_rows, out=work.get("q", (self.m * c, d))).view(self.m, c, d)
+        self.k = torch.index_select(keys, 0, self.halo_rows, out=work.get("k", (self.halo_rows.numel(), d)))
+        self.v = torch.index_select(values, 0, self.halo_rows, out=work.get("v", (self.halo_rows.numel(), d)))
+
+    def window(self, rows):
+        """Overlapping windows ``(m, window_rows, ...)`` of this block's halo rows ``rows``."""
+        tail, tail_strides = tuple(rows.shape[1:]), tuple(rows.stride()[1:])
+        return rows.as_strided((self.m, self.geo.window_rows, *tail),
+                               (self.geo.c * rows.stride(0), rows.stride(0), *tail_strides))
+
+    def chunks(self, x):
+        """Sorted rows ``x (b*h, n*L, ...)`` of this block's chunks as ``(m, c, ...)``."""
+        part = x[self.h, self.s * self.geo.c:self.e * self.geo.c]
+        return part.view(self.m, self.geo.c, *part.shape[1:])
+
+    def add_windows(self, target, d_windows):
+        """Add window-shaped gradients ``(m, window_rows, d)`` into this block's halo rows
+        ``target ((m + width - 1) * c, d)``."""
+        c = self.geo.c
+        for k in range(self.geo.width):
+            target[k * c:(k + self.m) * c].view(self.m, c, -1).add_(d_windows[:, k * c:(k + 1) * c])
+        return target
 
 
-def _block_shape(geo, block, last):
-    h0, h1, s, e = block
-    return (h1 - h0, e - s, geo.c, last)
-
-
-def _block_probs(saved, geo, block, work):
-    """Probabilities ``(g, m, c, window_rows)`` of one block (a workspace buffer) and the row
-    maxima of its masked logits (``lse = top - log(max p)``, as ``max p = exp(0) / total``)."""
-    h0, h1, s, e = block
-    shape = _block_shape(geo, block, geo.width * geo.c)
-    q = _chunks(saved.q, geo, h0, h1, s, e)
-    logits = _matmul(q, _window(saved.k, geo, h0, h1, s, e).transpose(-1, -2), work.get("logits", shape))
-    if saved.bias is not None:
-        logits += saved.bias[h0:h1, s:e]
+def _block_probs(block, index, bias, causal, work, with_top):
+    """Probabilities ``(m, c, window_rows)`` of one block (a workspace buffer) and, with
+    ``with_top``, the row maxima of its masked logits (``lse = top - log(max p)``)."""
+    geo, h = block.geo, block.h
+    shape = (block.m, geo.c, geo.window_rows)
+    logits = torch.bmm(block.q, block.window(block.k).transpose(-1, -2), out=work.get("logits", shape))
+    if bias is not None:
+        logits += bias[h, block.s:block.e]
     mask_value, self_value = mask_values(torch, logits.dtype)
-    masked = None
-    if saved.causal:
-        query_pos = _chunks(saved.pos, geo, h0, h1, s, e)[..., None]
-        key_pos = _window(saved.pos_halo, geo, h0, h1, s, e)[..., None, :]
-        masked = torch.gt(key_pos, query_pos, out=work.get("masked", shape, torch.bool))
-    if saved.keep_halo is not None:
-        padding = torch.logical_not(_window(saved.keep_halo, geo, h0, h1, s, e))[..., None, :]
-        masked = padding if masked is None else torch.logical_or(masked, padding, out=masked)
-    if masked is not None:
-        logits.masked_fill_(masked, mask_value)
-    _fill_self(logits, saved, geo, block, self_value)
-    top = logits.amax(dim=-1, keepdim=True)
-    probs = torch.ops.aten._softmax.out(logits, -1, False, out=work.get("probs", shape))
-    return probs, top
+    if index.key_pos is not None:
+        key_pos = block.window(index.key_pos[h, block.s * geo.c:(block.e + geo.width - 1) * geo.c])
+        if index.pad_only:  # padding only: a key is masked for every query
+            logits.masked_fill_((key_pos >= geo.length)[:, None, :], mask_value)
+        else:
+            query_pos = block.chunks(index.pos)[..., None]
+            logits.masked_fill_(torch.gt(key_pos[:, None, :], query_pos, out=work.get("masked", shape, torch.bool)),
+                                mask_value)
+    _fill_self(logits, block, index, self_value)
+    top = logits.amax(dim=-1, keepdim=True) if with_top else None
+    return torch.ops.aten._softmax.out(logits, -1, False, out=work.get("probs", shape)), top
 
 
-def _fill_self(x, saved, geo, block, value):
-    """Set the entries of ``x (g, m, c, window_rows)`` where a query meets its own position.
+def _fill_self(x, block, index, value):
+    """Set the entries of ``x (m, c, window_rows)`` where a query meets its own position.
 
     Every query sees itself on the diagonal of its own chunk (a strided view, no mask); another
     copy of its position can only sit in a window chunk of another hashing round, or in its own
     chunk again when the window wraps round a short sequence: :attr:`_Geometry.cross`.
     """
-    h0, h1, s, e = block
+    geo, h, s = block.geo, block.h, block.s
     c, own = geo.c, geo.before
     x[..., own * c:(own + 1) * c].diagonal(dim1=-2, dim2=-1).fill_(value)
-    for chunk, k in (pair for pair in geo.cross if s <= pair[0] < e):
-        query_pos = saved.pos[h0:h1, chunk * c:(chunk + 1) * c]
-        key_pos = saved.pos_halo[h0:h1, (chunk + k) * c:(chunk + k + 1) * c]
-        x[:, chunk - s, :, k * c:(k + 1) * c].masked_fill_(key_pos[:, None, :] == query_pos[:, :, None], value)
+    for chunk, k in (pair for pair in geo.cross if s <= pair[0] < block.e):
+        query_pos = index.pos[h, chunk * c:(chunk + 1) * c]
+        key_pos = index.pos_halo[h, (chunk + k) * c:(chunk + k + 1) * c]
+        x[chunk - s, :, k * c:(k + 1) * c].masked_fill_(key_pos[None, :] == query_pos[:, None], value)
 
 
-def _lse(probs, top):
-    return (top - torch.log(probs.amax(dim=-1, keepdim=True))).squeeze(-1)
-
-
-def _dropped(probs, saved, block, out=None):
+def _dropped(probs, keep_drop, rate, block, out=None):
     """``dropout(probs)`` as the core's ``dropout``: kept entries times ``1 / (1 - rate)``, in
     place or into ``out``."""
-    if saved.keep_drop is None or saved.rate == 0.0:
+    if keep_drop is None or rate == 0.0:
         return probs
-    h0, h1, s, e = block
-    drop = torch.logical_not(saved.keep_drop[h0:h1, s:e])
+    drop = torch.logical_not(keep_drop[block.h, block.s:block.e])
     if out is None:
-        return probs.mul_(1.0 / (1.0 - saved.rate)).masked_fill_(drop, 0.0)
-    return torch.mul(probs, 1.0 / (1.0 - saved.rate), out=out).masked_fill_(drop, 0.0)
+        return probs.mul_(1.0 / (1.0 - rate)).masked_fill_(drop, 0.0)
+    return torch.mul(probs, 1.0 / (1.0 - rate), out=out).masked_fill_(drop, 0.0)
 
 
-def _add_windows(target, d_windows, geo, block):
-    """Add window-shaped gradients ``(g, m, window_rows, d)`` into halo rows ``target``."""
-    h0, h1, s, e = block
-    for k in range(geo.width):
-        rows = target[h0:h1, (s + k) * geo.c:(e + k) * geo.c].view(h1 - h0, e - s, geo.c, geo.d)
-        rows += d_windows[:, :, k * geo.c:(k + 1) * geo.c]
-
-
-def _fold_halo(halo, geo):
-    """Add every halo chunk of ``halo (b*h, halo_rows, d)`` into the chunk it copies, in place
-    and in a fixed order; returns the sorted rows ``(b*h, n*L, d)`` (a view)."""
-    c, before = geo.c, geo.before
-    main = halo[:, before * c:before * c + geo.rows]
-    for j in [*range(before), *range(before + geo.chunks, before + geo.chunks + geo.after)]:
-        chunk = (j - before) % geo.chunks
-        main[:, chunk * c:(chunk + 1) * c] += halo[:, j * c:(j + 1) * c]
-    return main
-
-
-def _finite_rows(x):
-    """``x (..., rows, d)`` with its non-finite rows zeroed in place, and the bool mask of them."""
+def _finite(x):
+    """``(x with its non-finite rows zeroed, bool mask of them)``; ``x (..., d)``."""
     bad = torch.isfinite(x).all(dim=-1).logical_not_()
-    return x.masked_fill_(bad.unsqueeze(-1), 0.0), bad
-
-
-def _sum_rounds(sorted_rows, undo_flat, geo):
-    """Sorted rows ``(b*h, n*L, d)`` -> ``(b, h, L, d)``: unsorted, every round's copy added."""
-    unsorted = sorted_rows.reshape(geo.bh * geo.rows, geo.d).index_select(0, undo_flat)
-    batch, heads, length, d = geo.shape
-    unsorted = unsorted.view(batch, heads, geo.rounds, length, d)
-    return unsorted[:, :, 0] if geo.rounds == 1 else unsorted.sum(dim=2)
+    return x.masked_fill(bad.unsqueeze(-1), 0.0), bad
 
 
 class _SortedChunkAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qk, keys, v, perm, undo, key_keep, logit_bias, dropout_keep, rate, chunk_length, before,
-                after, causal):
+    def forward(ctx, qk, keys, v, perm, key_keep, logit_bias, dropout_keep, rate, chunk_length, before, after,
+                causal):
         with torch.autocast(qk.device.type, enabled=False):
-            return _forward(ctx, qk, keys, v, perm, undo, key_keep, logit_bias, dropout_keep, rate, chunk_length,
-                            before, after, causal)
+            return _forward(ctx, qk, keys, v, perm, key_keep, logit_bias, dropout_keep, rate, chunk_length, before,
+                            after, causal)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -259,89 +253,93 @@ class _SortedChunkAttention(torch.autograd.Function):
             return _backward(ctx, d_result)
 
 
-def _forward(ctx, qk, keys, v, perm, undo, key_keep, logit_bias, dropout_keep, rate, chunk_length, before, after,
-             causal):
+def _per_chunk(x, geo):  # (b, h, chunks, c, window) -> (b*h, chunks, c, window)
+    return None if x is None else x.reshape(geo.bh, geo.chunks, geo.c, geo.window_rows)
+
+
+def _forward(ctx, qk, keys, v, perm, key_keep, logit_bias, dropout_keep, rate, chunk_length, before, after, causal):
     geo = _Geometry(qk, perm, chunk_length, before, after)
-    device = qk.device
-    offsets = torch.arange(geo.bh, device=device)[:, None]
-    perm2, undo2 = perm.reshape(geo.bh, geo.rows), undo.reshape(geo.bh, geo.rows)
-    pos = perm2 % geo.length  # original position of every sorted row
-    pos_halo = pos[:, geo.halo_index(device)]
-    flat = (pos + offsets * geo.length).reshape(-1)
-    flat_halo = (pos_halo + offsets * geo.length).reshape(-1)
-    keep_halo = None
-    if key_keep is not None:
-        heads = geo.shape[1]
-        keep_halo = key_keep[:, None, :].expand(-1, heads, -1).reshape(-1).index_select(0, flat_halo)
-        keep_halo = keep_halo.view(geo.bh, geo.halo_rows)
-    window_rows = geo.width * geo.c
-
-    def per_chunk(x):  # (b, h, chunks, c, window) -> (b*h, chunks, c, window)
-        return None if x is None else x.reshape(geo.bh, geo.chunks, geo.c, window_rows)
-
-    values, bad = _finite_rows(_gather_rows(v, flat_halo, geo, geo.halo_rows))
-    saved = _Saved(_gather_rows(qk, flat, geo, geo.rows), _gather_rows(keys, flat_halo, geo, geo.halo_rows),
-                   values, pos, pos_halo, keep_halo, per_chunk(logit_bias), per_chunk(dropout_keep), rate, causal,
-                   bad.to(qk.dtype).unsqueeze(-1))
-    out = torch.empty(geo.bh, geo.rows, geo.d, dtype=qk.dtype, device=device)
-    lse = torch.empty(geo.bh, geo.rows, dtype=qk.dtype, device=device)
-    work = _Workspace(qk.dtype, device)
-    for block in geo.blocks:
-        h0, h1, s, e = block
-        probs, top = _block_probs(saved, geo, block, work)
-        _chunks(lse, geo, h0, h1, s, e).copy_(_lse(probs, top))
-        dropped, out_block = _dropped(probs, saved, block), _chunks(out, geo, h0, h1, s, e)
-        _matmul(dropped, _window(saved.v, geo, h0, h1, s, e), out_block)
-        reached = _matmul(dropped, _window(saved.bad, geo, h0, h1, s, e),
-                          work.get("reached", out_block.shape[:-1] + (1,)))
-        out_block.masked_fill_(reached > 0, float("nan"))
-    undo_flat = (undo2 + offsets * geo.rows).reshape(-1)
-    batch, heads, length, d = geo.shape
-    outs = out.view(geo.bh * geo.rows, d).index_select(0, undo_flat).view(batch, heads, geo.rounds, length, d)
-    lses = lse.view(-1).index_select(0, undo_flat).view(batch, heads, geo.rounds, length)
-    ctx.geo, ctx.rate, ctx.causal = geo, rate, causal
-    ctx.save_for_backward(saved.q, saved.k, saved.v, pos, pos_halo, keep_halo, saved.bias, saved.keep_drop,
-                          perm2, undo_flat, outs, lses)
+    index = _Indices(geo, perm, key_keep, causal)
+    bias, keep_drop = _per_chunk(logit_bias, geo), _per_chunk(dropout_keep, geo)
+    d = geo.d
+    values, bad = _finite(v)
+    flat_qk, flat_keys, flat_values = (x.reshape(-1, d) for x in (qk, keys, values))
+    bad_halo = bad.reshape(-1).to(qk.dtype)[index.flat_halo].unsqueeze(-1)  # (b*h, halo_rows, 1)
+    outs = torch.empty(geo.bh * geo.rows, d, dtype=qk.dtype, device=qk.device)
+    lses = torch.empty(geo.bh * geo.rows, dtype=qk.dtype, device=qk.device)
+    work = _Workspace(qk.dtype, qk.device)
+    for spec in geo.blocks:
+        block = _Block(geo, index, spec, work, flat_qk, flat_keys, flat_values)
+        probs, top = _block_probs(block, index, bias, causal, work, with_top=True)
+        lse = (top - torch.log(probs.amax(dim=-1, keepdim=True))).view(-1)
+        lses.index_copy_(0, block.out_rows, lse)
+        dropped = _dropped(probs, keep_drop, rate, block)
+        out = torch.bmm(dropped, block.window(block.v), out=work.get("out", (block.m, geo.c, d)))
+        halo_bad = bad_halo[block.h, block.s * geo.c:(block.e + geo.width - 1) * geo.c]
+        reached = torch.bmm(dropped, block.window(halo_bad), out=work.get("reached", (block.m, geo.c, 1)))
+        out.masked_fill_(reached > 0, float("nan"))
+        outs.index_copy_(0, block.out_rows, out.view(-1, d))
+    batch, heads, length, _ = geo.shape
+    outs = outs.view(batch, heads, geo.rounds, length, d)
+    lses = lses.view(batch, heads, geo.rounds, length)
+    ctx.geo, ctx.rate, ctx.causal, ctx.pad_only = geo, rate, causal, index.pad_only
+    ctx.save_for_backward(qk, keys, values, bad, bias, keep_drop, outs, lses, *index.tensors())
     result = combine_rounds(_xp(), outs, lses)
     return result.clone() if result._base is outs else result  # one round: never a view of a saved tensor
 
 
 def _backward(ctx, d_result):
-    geo = ctx.geo
-    q, k, v, pos, pos_halo, keep_halo, bias, keep_drop, perm2, undo_flat, outs, lses = ctx.saved_tensors
-    saved = _Saved(q, k, v, pos, pos_halo, keep_halo, bias, keep_drop, ctx.rate, ctx.causal)
+    geo, d = ctx.geo, ctx.geo.d
+    qk, keys, values, bad, bias, keep_drop, outs, lses, *index_tensors = ctx.saved_tensors
+    index = _Indices.from_tensors(index_tensors, ctx.pad_only)
     d_outs, d_lses = combine_rounds_backward(_xp(), outs, lses, d_result.contiguous())
-    # d logits = P * (dP - rowsum(dO * O) + d lse): the shift per row, gathered to sorted order.
-    shift = (d_outs * outs).sum(dim=-1)
+    # d logits = P * (dP - rowsum(dO * O) + d lse): the shift per row, in per-round order.
+    # Rows the forward set to NaN (they met a non-finite value) pass no gradient to their
+    # probabilities, as through the core's ``where``.
+    poisoned = torch.isnan(outs).any(dim=-1)
+    d_outs = d_outs.masked_fill(poisoned.unsqueeze(-1), 0.0)
+    shift = (d_outs * outs).sum(dim=-1).masked_fill_(poisoned, 0.0)
     if d_lses is not None:
         shift = shift - d_lses
-    offsets = torch.arange(geo.bh, device=q.device)[:, None]
-    perm_flat = (perm2 + offsets * geo.rows).reshape(-1)
-    shift = shift.reshape(-1).index_select(0, perm_flat).view(geo.bh, geo.rows)
-    d_out = d_outs.reshape(-1, geo.d).index_select(0, perm_flat).view(geo.bh, geo.rows, geo.d)
-    d_q = torch.empty_like(q)
-    d_k, d_v = torch.zeros_like(k), torch.zeros_like(v)
-    finite_k, _ = _finite_rows(k.clone())  # a masked NaN key must not reach d_q (d_logits is 0 there)
-    work = _Workspace(q.dtype, q.device)
-    for block in geo.blocks:
-        h0, h1, s, e = block
-        probs, _ = _block_probs(saved, geo, block, work)
-        g = _chunks(d_out, geo, h0, h1, s, e)
-        d_window = work.get("d_window", _block_shape(geo, block, geo.d)[:2] + (geo.width * geo.c, geo.d))
-        dropped = _dropped(probs, saved, block, out=work.get("dropped", probs.shape))
-        _add_windows(d_v, _matmul(dropped.transpose(-1, -2), g, d_window), geo, block)
-        d_logits = _matmul(g, _window(v, geo, h0, h1, s, e).transpose(-1, -2), work.get("logits", probs.shape))
-        d_logits = _dropped(d_logits, saved, block)
+    shift, d_outs = shift.reshape(-1, 1), d_outs.reshape(-1, d)
+    flat_qk, flat_keys, flat_values = (x.reshape(-1, d) for x in (qk, keys, values))
+    bad_keys = torch.isfinite(flat_keys).all(dim=-1).logical_not_()  # (b*h*L,)
+    # Gradients go straight to the input rows: each block adds its rows with an accumulating
+    # index_put_, one block after another (serial, so deterministic, on the CPU; on CUDA as
+    # deterministic as torch.use_deterministic_algorithms makes it, and the Triton kernel is
+    # the CUDA path). Nothing of size rounds x length is kept.
+    d_qk, d_keys, d_values = (torch.zeros_like(x) for x in (flat_qk, flat_keys, flat_values))
+    work = _Workspace(qk.dtype, qk.device)
+    for spec in geo.blocks:
+        block = _Block(geo, index, spec, work, flat_qk, flat_keys, flat_values)
+        probs, _ = _block_probs(block, index, bias, ctx.causal, work, with_top=False)
+        g = torch.index_select(d_outs, 0, block.out_rows, out=work.get("g", (block.m * geo.c, d)))
+        g = g.view(block.m, geo.c, d)
+        row_shift = torch.index_select(shift, 0, block.out_rows, out=work.get("shift", (block.m * geo.c, 1)))
+        d_window = work.get("d_window", (block.m, geo.window_rows, d))
+        d_halo = work.get("d_halo", (block.halo_rows.numel(), d))
+        dropped = _dropped(probs, keep_drop, ctx.rate, block, out=work.get("dropped", probs.shape))
+        block.add_windows(d_halo.zero_(), torch.bmm(dropped.transpose(-1, -2), g, out=d_window))
+        d_values.index_put_((block.halo_rows,), d_halo, accumulate=True)
+        d_logits = work.get("d_logits", probs.shape)
+        v_windows = block.window(block.v).transpose(-1, -2)
+        if keep_drop is None or ctx.rate == 0.0:  # dP - shift in the product itself
+            torch.baddbmm(row_shift.view(block.m, geo.c, 1), g, v_windows, beta=-1, out=d_logits)
+        else:
+            _dropped(torch.bmm(g, v_windows, out=d_logits), keep_drop, ctx.rate, block)
+            d_logits.sub_(row_shift.view(block.m, geo.c, 1))
         # Masked logits have probability exactly 0, so only the self entries (a constant that can
         # carry all the mass) are zeroed explicitly.
-        d_logits.sub_(_chunks(shift, geo, h0, h1, s, e)[..., None]).mul_(probs)
-        _fill_self(d_logits, saved, geo, block, 0.0)
-        _matmul(d_logits, _window(finite_k, geo, h0, h1, s, e), _chunks(d_q, geo, h0, h1, s, e))
-        _add_windows(d_k, _matmul(d_logits.transpose(-1, -2), _chunks(q, geo, h0, h1, s, e), d_window), geo, block)
-    d_qk = _sum_rounds(d_q, undo_flat, geo)
-    d_keys = _sum_rounds(_fold_halo(d_k, geo), undo_flat, geo)
-    d_values = _sum_rounds(_fold_halo(d_v, geo), undo_flat, geo)
-    return d_qk, d_keys, d_values, None, None, None, None, None, None, None, None, None, None
+        d_logits.mul_(probs)
+        _fill_self(d_logits, block, index, 0.0)
+        block.k.masked_fill_(bad_keys[block.halo_rows].unsqueeze(-1), 0.0)  # a masked NaN key must not reach d_q
+        d_q = torch.bmm(d_logits, block.window(block.k), out=work.get("d_q", (block.m, geo.c, d)))
+        d_qk.index_put_((block.query_rows,), d_q.view(-1, d), accumulate=True)
+        block.add_windows(d_halo.zero_(), torch.bmm(d_logits.transpose(-1, -2), block.q, out=d_window))
+        d_keys.index_put_((block.halo_rows,), d_halo, accumulate=True)
+    d_values.masked_fill_(bad.reshape(-1, 1), 0.0)  # the forward read those rows as zeros
+    shape = geo.shape
+    return d_qk.view(shape), d_keys.view(shape), d_values.view(shape), None, None, None, None, None, None, None, None, None
 
 
 def _xp():
