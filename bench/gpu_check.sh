@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a GPU: the conformance suite's GPU variants and a short GPU benchmark,
 # results and plots under OUT. Installs nothing from the network (the frameworks must be
-# there already); finishes within about 12 minutes (the timeouts add up to 705 s).
+# there already); finishes within about 12 minutes (the timeouts add up to 765 s).
 #
 #   bash bench/gpu_check.sh OUT
 set -uo pipefail
@@ -52,4 +52,9 @@ if python3 -c "import torch, triton; assert torch.cuda.is_available()" 2>/dev/nu
   # 4K-32K tokens, bfloat16 and float32; the first call per dtype compiles the kernels.
   timeout 75 python3 bench/triton_vs_sdpa.py --json "$out/triton_vs_sdpa.json" >"$out/triton_vs_sdpa.txt" 2>&1
   echo "triton vs SDPA exit $?" | tee -a "$out/summary.txt"
+fi
+if python3 -c "import jax; assert jax.default_backend() == 'gpu'" 2>/dev/null; then
+  # The JAX Pallas forward of LSH attention (opt-in until this passes) against the standard path.
+  REFORMER_JAX_LSH_KERNEL=pallas timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_jax_lsh_kernel.py \
+    >"$out/jax_pallas.txt" 2>&1; echo "jax pallas tests exit $?" | tee -a "$out/summary.txt"
 fi

@@ -24,10 +24,10 @@ _PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
 def _silence_int64_warnings() -> None:
-    # The core asks for int64 indices and sort keys (the standard's default index dtype).
+    # The core asks for int64 indices and bucket ids (the standard's default index dtype).
     # Without x64, JAX makes them int32 and warns at every such call; int32 is exact here as
-    # long as num_hashes * (num_buckets + 1) * length < 2**31 (model.py checks it), so the
-    # warning carries no information for reformer-core's calls. Only this message is silenced,
+    # long as num_hashes * length < 2**31 (the sort key is the bucket id alone, see
+    # sorting.py), so the warning carries no information for reformer-core's calls. Only this message is silenced,
     # once a JAX backend is made (not when the registry merely reads this module).
     warnings.filterwarnings("ignore", message=r"Explicitly requested dtype int64 requested in .* is not available",
                             category=UserWarning)
@@ -39,6 +39,7 @@ class JaxBackend(Backend):
     array_modules = ("jax", "jaxlib")  # concrete arrays are jaxlib types, tracers jax types
     extra = "jax"
     autodiff = True
+    native_lsh_attention = True  # lsh_kernel.py: a custom_vjp with a recompute backward (Pallas forward on GPU)
 
     def __init__(self, device=None) -> None:
         _silence_int64_warnings()
@@ -176,6 +177,13 @@ class JaxBackend(Backend):
             return jnp.swapaxes(x, 1, 2)
 
         return heads_last(jax.nn.dot_product_attention(heads_last(q), heads_last(k), heads_last(v), is_causal=causal))
+
+    @staticmethod
+    def lsh_chunk_attention(qk, v, perm, undo, **kwargs):
+        """The sorted-chunk step of LSH attention as one ``jax.custom_vjp`` (``lsh_kernel.py``)."""
+        from .lsh_kernel import lsh_chunk_attention
+
+        return lsh_chunk_attention(qk, v, perm, undo, **kwargs)
 
     def training_step_memory(self, config, *, batch, length, reversible):
         from .memory import training_step_memory
