@@ -5,6 +5,12 @@
 * ``command.py``: the ``bench`` command's arguments and how it runs;
 * ``harness.py``: the side-by-side sweep (backends x lengths x attention kinds x passes),
   including the paper's speed figure (``--speed-figure``);
+* ``timing.py``: round-robin timing (A B A B), per-row statistics and spread flags, the FLOP
+  counting rule and the matmul rate behind GFLOP/s and % of matmul;
+* ``threads.py``: ``--threads`` pinning (threadpoolctl, torch, XLA_FLAGS before JAX starts) and
+  the oversubscription warnings;
+* ``peers.py``: the torch peers (reformer-core with projections, HF transformers,
+  reformer-pytorch, SDPA) at the bench's shapes;
 * ``report.py``: its tables and plots;
 * ``memory.py``: the host memory probes (tracemalloc, sampled RSS);
 * ``depth.py``: memory against depth and length (``bench --memory``), asking each backend's

@@ -9,8 +9,10 @@ from reformer_core._progress import Progress
 from reformer_core.cli import int_list, positive_float, write_json
 
 from . import harness
-from .depth import format_memory_report, memory_report
-from .report import format_report, plot_report
+from .depth import format_memory_report, memory_report, memory_rows
+from .report import format_report, plot_memory_report, plot_report, require_matplotlib
+from .threads import prepare_jax, usable_cpus
+from .timing import DEFAULT_MAX_SPREAD
 
 __all__ = ["add_arguments", "run"]
 
@@ -23,14 +25,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--backends", metavar="LIST",
                        help="comma-separated backends with optional devices, e.g. numpy,torch,torch:cuda,jax,jax:gpu,"
-                            "cupy (default: the installed CPU backends among numpy, torch, jax)")
+                            "cupy (default: the installed CPU backends among numpy, torch, jax); suffix +jit compiles, "
+                            "+standard runs without native kernels (reformer_core.standard_path()), e.g. "
+                            "torch+standard; a device that is not here (torch:cuda without a GPU) is skipped with its "
+                            "reason")
     parser.add_argument("--lengths", type=int_list, metavar="LIST",
                        help="sequence lengths (default 1024..16384 doubling; --speed-figure: up to 32768; --quick: the first)")
-    parser.add_argument("--hashes", type=int_list, default=(1, 2, 4, 8), metavar="LIST",
-                       help="LSH hash rounds to compare (default 1,2,4,8)")
+    parser.add_argument("--hashes", type=int_list, metavar="LIST",
+                       help="LSH hash rounds to compare (default 1,2,4,8; --quick: 1,2,4)")
     parser.add_argument("--no-full", action="store_true", help="leave out full attention")
-    parser.add_argument("--repeats", type=int, metavar="N", help="timed calls per configuration; the median is reported (default 3; --quick: 1)")
-    parser.add_argument("--quick", action="store_true", help="the first lengths only and 1 repeat (about 2 minutes on 2 cores)")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                       help="timed calls per row, alternating the rows of each length and pass (A B A B); min, median "
+                            "and max are reported (default 3, also with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                       help="shorter sizes, same repeats: lengths 512 and 1024 (--speed-figure: 1K, 2K), LSH with 1 and "
+                            "2 hashes unless --hashes (121 s and 212 s measured on 2 shared CPU cores at load average 3-4, "
+                            "with numpy, torch, jax and the peers)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                       help="threads of every framework (BLAS via threadpoolctl, torch.set_num_threads, XLA_FLAGS "
+                            "before JAX starts); default: the cores available to this process")
+    parser.add_argument("--max-spread", type=positive_float, default=DEFAULT_MAX_SPREAD, metavar="RATIO",
+                       help=f"flag rows whose slowest timed call took over RATIO times the fastest (default "
+                            f"{DEFAULT_MAX_SPREAD:g})")
+    parser.add_argument("--no-peers", action="store_true",
+                       help="leave out the peer rows (reformer-core, HF transformers, reformer-pytorch, torch SDPA, "
+                            "with projections) that run beside torch when installed")
     parser.add_argument("--speed-figure", action="store_true",
                        help="the paper's Figure 5 (right): batch x length fixed at 32768 tokens, lengths 1K-32K, "
                             "full vs LSH-1/2/4/8, forward")
@@ -39,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-only", action="store_true", help="no forward+backward pass")
     parser.add_argument("--no-compile", action="store_true",
                        help="run plain jax eagerly (it is jitted by default; a +jit spec such as torch+jit always compiles)")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory against length (matplotlib)")
+    parser.add_argument("--plot", metavar="PATH",
+                       help="write a PNG: time and memory against length, one panel per attention kind (with "
+                            "--memory: memory against depth); needs matplotlib, checked before any work")
     parser.add_argument("--memory-budget-gb", type=positive_float, default=8.0, metavar="GB",
                        help="skip a configuration whose estimated peak memory exceeds this (default 8)")
     parser.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
@@ -62,19 +83,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "NumPy's feed-forward backward memory against length")
 
 
+QUICK_LENGTHS = (512, 1024)
+QUICK_HASHES = (1, 2)
+
+
+def _error(error: Exception) -> int:
+    print(f"reformer-core bench: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _prepare(args: argparse.Namespace) -> tuple[tuple[str, ...], dict[str, str], int]:
+    """Before any work: matplotlib for --plot, the thread count (XLA_FLAGS before JAX is
+    imported), and the backend specs to run, skipping a device that is not here."""
+    if args.plot:
+        require_matplotlib()
+    threads = args.threads if args.threads is not None else usable_cpus()
+    if threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
+    if args.backends is None or "jax" in args.backends.lower() or args.backends.strip() == "all":
+        prepare_jax(threads)
+    backends, skipped = harness.bench_targets(args.backends)
+    for name, reason in skipped.items():
+        print(f"reformer-core bench: skipping {name}: {reason}", file=sys.stderr)
+    return backends, skipped, threads
+
+
 def _run_memory(args: argparse.Namespace) -> int:
     try:
-        backends = harness.resolve_backends(args.backends)
+        backends, skipped, threads = _prepare(args)
         if args.lengths and len(args.lengths) != 1:
             raise ValueError("--memory takes one length (--lengths 4096)")
-        report = memory_report(quick=args.quick, backends=backends,
-                               length=args.lengths[0] if args.lengths else None, depths=args.depths)
+        from .threads import pinned_threads
+
+        total = memory_rows(backends=backends, depths=args.depths, quick=args.quick)
+        with pinned_threads(threads) as thread_info, \
+                Progress(total, label="bench --memory", enabled=not args.no_progress) as progress:
+            report = memory_report(quick=args.quick, backends=backends,
+                                   length=args.lengths[0] if args.lengths else None, depths=args.depths,
+                                   progress=progress)
+        report["threads"] = thread_info
+        report["skipped_backends"] = skipped
     except ValueError as error:  # a backend without a memory probe says so (Backend.training_step_memory)
-        print(f"reformer-core bench: error: {error}", file=sys.stderr)
-        return 2
+        return _error(error)
     print(format_memory_report(report))
+    for name, reason in skipped.items():
+        print(f"skipped backend {name}: {reason}")
     if args.json:
         write_json(args.json, report)
+    if args.plot:
+        plot_memory_report(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -84,17 +142,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return _run_memory(args)
 
     try:
-        backends = harness.resolve_backends(args.backends)
+        backends, skipped, threads = _prepare(args)
         figure = args.speed_figure
         if args.lengths:
             lengths = args.lengths
+        elif args.quick:
+            lengths = harness.SPEED_FIGURE_LENGTHS[:2] if figure else QUICK_LENGTHS
         else:
             lengths = harness.SPEED_FIGURE_LENGTHS if figure else harness.DEFAULT_LENGTHS
-            lengths = lengths[:2] if args.quick else lengths
+        hashes = args.hashes or (QUICK_HASHES if args.quick else harness.DEFAULT_HASHES)
         settings = harness.BenchSettings(
             backends=backends,
             lengths=lengths,
-            num_hashes=args.hashes,
+            num_hashes=hashes,
             include_full=not args.no_full,
             include_local=not (args.no_local or figure),
             include_train=not (args.no_train or figure),
@@ -106,20 +166,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             chunk_length=args.chunk_length,
             causal=not args.no_causal,
             dtype=args.dtype,
-            repeats=args.repeats or (1 if args.quick else 3),
+            repeats=args.repeats or 3,
             compile=not args.no_compile,
             measure_memory=not args.no_memory,
             memory_budget_gb=args.memory_budget_gb,
             time_budget_s=args.time_budget,
             seed=args.seed,
+            threads=threads,
+            max_spread=args.max_spread,
+            peers=not (args.no_peers or figure),
         )
+        total = len(settings.lengths) * len(harness.planned_targets(settings))
     except ValueError as error:
-        print(f"reformer-core bench: error: {error}", file=sys.stderr)
-        return 2
-    total = len(settings.lengths) * sum(len(m.passes(settings)) for spec in settings.backends
-                                        for m in harness.planned_methods(spec, settings))
+        return _error(error)
     with Progress(total, label="bench", enabled=not args.no_progress) as progress:
-        report = harness.run_benchmark(settings, progress, argv=argv)
+        report = harness.run_benchmark(settings, progress, argv=argv, skipped_backends=skipped)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
@@ -127,8 +188,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         try:
             plot_report(report, args.plot)
         except ValueError as error:
-            print(f"reformer-core bench: error: {error}", file=sys.stderr)
-            return 2
+            return _error(error)
         print(f"wrote {args.plot}", file=sys.stderr)
     errors = [row for row in report["results"] if row["status"] == "error"]
     if errors:

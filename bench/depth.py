@@ -35,7 +35,7 @@ from reformer_core._registry import resolve_backend
 
 from .memory import traced_peak, tree_nbytes
 
-__all__ = ["depth_memory_config", "tokens_for", "backend_memory_vs_depth", "memory_vs_depth",
+__all__ = ["depth_memory_config", "tokens_for", "backend_memory_vs_depth", "memory_vs_depth", "memory_rows",
            "feed_forward_backward_memory", "memory_report", "format_memory_report", "format_depth_rows"]
 
 MODES = ("reversible", "stored")
@@ -56,12 +56,15 @@ def tokens_for(config: ReformerConfig, batch: int, length: int) -> tuple[np.ndar
 
 
 def backend_memory_vs_depth(backend_spec: str, depths=(2, 4, 8, 12), *, length: int = 4096, batch: int = 1,
-                            quick: bool = False, modes=MODES) -> list[dict]:
-    """Rows ``{"backend", "layers", "mode", "bytes", "method", ...}`` for one backend spec."""
+                            quick: bool = False, modes=MODES, progress=None) -> list[dict]:
+    """Rows ``{"backend", "layers", "mode", "bytes", "method", ...}`` for one backend spec.
+    ``progress``: an object with ``step(message)``, told before each row."""
     backend = resolve_backend(backend_spec)
     rows = []
     for mode in modes:
         for depth in depths:
+            if progress is not None:
+                progress.step(f"{backend_spec} {mode} {depth} layers L={length}")
             config = depth_memory_config(depth, quick=quick)
             try:
                 row = backend.training_step_memory(config, batch=batch, length=length, reversible=mode == "reversible")
@@ -115,20 +118,30 @@ def feed_forward_backward_memory(config: ReformerConfig, *, batch: int, length: 
             "boundary_bytes": boundary, "intermediate_bytes": int(peak - boundary)}
 
 
+def memory_rows(*, backends=("numpy",), depths=(2, 4, 8, 12), quick: bool = False, lengths=None) -> int:
+    """How many rows :func:`memory_report` measures (for a progress display)."""
+    lengths = lengths or ((256, 1024) if quick else (256, 1024, 4096))
+    return len(backends) * len(MODES) * len(depths) + 2 * len(lengths)
+
+
 def memory_report(*, quick: bool = False, backends=("numpy",), depths=(2, 4, 8, 12), length: int | None = None,
-                  lengths=None) -> dict:
+                  lengths=None, progress=None) -> dict:
     """The ``bench --memory`` measurements: training-step memory against depth on each backend
     (reversible and storing every activation) and NumPy's feed-forward backward memory
-    against length (chunked or not)."""
+    against length (chunked or not). ``progress``: told (``step``) before each row."""
     length = length or (1024 if quick else 4096)
     depth_rows = []
     for spec in backends:
-        depth_rows += backend_memory_vs_depth(spec, depths, length=length, quick=quick)
+        depth_rows += backend_memory_vs_depth(spec, depths, length=length, quick=quick, progress=progress)
     ff_config = ReformerConfig(vocab_size=16, d_model=32, num_heads=2, head_dim=16, d_ff=1024,
                                attention_layers=("local",), axial_pos_shape=(64, 64))
     lengths = lengths or ((256, 1024) if quick else (256, 1024, 4096))
-    ff_rows = [feed_forward_backward_memory(ff_config.replace(ff_chunk_length=chunk), batch=2, length=n)
-               for chunk in (64, None) for n in lengths]
+    ff_rows = []
+    for chunk in (64, None):
+        for n in lengths:
+            if progress is not None:
+                progress.step(f"numpy feed-forward backward L={n} {'unchunked' if chunk is None else f'chunk {chunk}'}")
+            ff_rows.append(feed_forward_backward_memory(ff_config.replace(ff_chunk_length=chunk), batch=2, length=n))
     return {
         "schema": "reformer-core-bench-memory/2",
         "settings": {"depth_config": depth_memory_config(depths[0], quick=quick).to_dict(), "batch": 1,

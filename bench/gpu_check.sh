@@ -35,7 +35,7 @@ unset NVIDIA_TF32_OVERRIDE
 timeout 120 python3 -m reformer_core.cli bench --backends "$gpus" --speed-figure --repeats 3 --no-progress \
   --json "$out/speed_figure.json" --plot "$out/speed_figure.png" >"$out/speed_figure.txt" 2>&1
 echo "speed figure exit $?" | tee -a "$out/summary.txt"
-timeout 90 python3 -m reformer_core.cli bench --backends "$gpus" --lengths 1024,4096,16384 --hashes 2,8 --repeats 3 \
+timeout 90 python3 -m reformer_core.cli bench --backends "$gpus" --lengths 1024,4096,16384 --hashes 2,8 --repeats 3 --no-peers \
   --no-progress --json "$out/bench.json" --plot "$out/bench.png" >"$out/bench.txt" 2>&1
 echo "bench exit $?" | tee -a "$out/summary.txt"
 mem=$(echo "$gpus" | tr ',' '\n' | grep -v cupy | paste -sd, -)

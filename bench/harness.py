@@ -2,8 +2,11 @@
 
 ``run_benchmark`` measures, per backend, sequence length, method (LSH with 1/2/4/8 hashes,
 local, full, a whole training step) and pass (forward; forward+backward), the first call's
-time (warm-up, compilation included) apart from the median of ``repeats`` later calls, and,
-in a separate call, the peak memory. ``reformer_core.bench.report`` renders the tables and
+time (warm-up, compilation included) apart from ``repeats`` later calls (min, median, max,
+spread; :mod:`.timing`), achieved GFLOP/s against a matmul rate measured in the same run,
+and, in a separate call, the peak memory. The rows of one length and pass (every backend,
+method and peer, :mod:`.peers`) are timed round-robin, one call each per round, with every
+framework's threads pinned (:mod:`.threads`). ``reformer_core.bench.report`` renders the tables and
 plots; ``reformer-core bench`` is a thin wrapper. The report is a plain dict for ``json.dump``.
 
 Peak memory is what the backend can report: NumPy (and array_api_strict) buffers through
@@ -25,7 +28,6 @@ import gc
 import math
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -48,12 +50,17 @@ from reformer_core import (
     lsh_attention,
     lsh_attention_vjp,
     random_rotations,
+    standard_path,
     use_backend,
     value_and_grad,
 )
 
+from . import peers as peer_module
 from .memory import rss_peak, traced_peak
 from .report import format_report  # re-exported for callers of run_benchmark
+from .threads import load_average, oversubscription_warnings, pinned_threads, usable_cpus
+from .timing import (DEFAULT_MAX_SPREAD, attention_flops, best_rate, matmul_rate, paired_ratio, projection_flops,
+                     rates, summarize, time_round_robin)
 
 __all__ = [
     "BenchSettings",
@@ -61,12 +68,15 @@ __all__ = [
     "QUICK_LENGTHS",
     "SPEED_FIGURE_LENGTHS",
     "estimate_peak_bytes",
+    "bench_targets",
     "format_report",
+    "planned_targets",
     "resolve_backends",
     "run_benchmark",
+    "spec_options",
 ]
 
-SCHEMA = "reformer-core.bench/2"
+SCHEMA = "reformer-core.bench/3"
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (1024, 2048)
 SPEED_FIGURE_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -107,6 +117,9 @@ class BenchSettings:
     memory_budget_gb: float = 8.0
     time_budget_s: float | None = None
     seed: int = 0
+    threads: int | None = None  # None: the cores available to the process
+    max_spread: float = DEFAULT_MAX_SPREAD
+    peers: bool = True
 
     def __post_init__(self) -> None:
         def positive_ints(name, values):
@@ -147,6 +160,10 @@ class BenchSettings:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb!r}")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):
             raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s!r}")
+        if self.threads is not None:
+            positive_ints("threads", (self.threads,))
+        if not (self.max_spread >= 1):
+            raise ValueError(f"max_spread must be at least 1 (max over min of the timed calls), got {self.max_spread!r}")
 
     def batch_at(self, length: int) -> int:
         return self.fixed_tokens // length if self.fixed_tokens else self.batch
@@ -187,11 +204,28 @@ class Method:
 
 
 JIT_SUFFIX = "+jit"
+STANDARD_SUFFIX = "+standard"
+_SUFFIXES = (JIT_SUFFIX, STANDARD_SUFFIX)
+
+
+def spec_options(spec: str) -> tuple[str, bool, bool]:
+    """``(base, jit, standard)``: ``"torch:cuda+jit+standard"`` is ``("torch:cuda", True, True)``.
+    ``+jit`` compiles; ``+standard`` runs under ``reformer_core.standard_path()`` (no native
+    kernels), so the reference path stays measurable beside the default one. The suffixes
+    may come in either order."""
+    base, found = spec, set()
+    while True:
+        suffix = next((s for s in _SUFFIXES if base.endswith(s)), None)
+        if suffix is None:
+            return base, JIT_SUFFIX in found, STANDARD_SUFFIX in found
+        found.add(suffix)
+        base = base[: -len(suffix)]
 
 
 def split_spec(spec: str) -> tuple[str, bool]:
-    """``("torch:cuda", True)`` from ``"torch:cuda+jit"``."""
-    return (spec[: -len(JIT_SUFFIX)], True) if spec.endswith(JIT_SUFFIX) else (spec, False)
+    """``("torch:cuda", True)`` from ``"torch:cuda+jit"`` (and from ``"torch:cuda+jit+standard"``)."""
+    base, jit, _ = spec_options(spec)
+    return base, jit
 
 
 def uses_jit(spec: str, backend: Any, settings: BenchSettings) -> bool:
@@ -401,74 +435,301 @@ def environment() -> dict:
     }
 
 
-def run_benchmark(settings: BenchSettings, progress: Any = None, *, argv: list[str] | None = None) -> dict:
+@dataclass
+class Target:
+    """One row to measure: a backend spec's method and pass, or a peer's (``peer`` set)."""
+
+    label: str  # the row's "backend": a spec such as "torch+jit", or a peer name such as "hf-transformers"
+    method: Method
+    pass_name: str
+    backend: Any  # the adapter (for a peer: the torch backend it runs beside)
+    jit: bool = False
+    standard: bool = False
+    peer: str | None = None
+
+
+def _torch_peer_spec(settings: BenchSettings) -> str | None:
+    """The first plain torch spec of the run (peers run on its device), if any."""
+    for spec in settings.backends:
+        base, jit, standard = spec_options(spec)
+        if base.partition(":")[0] == "torch" and not (jit or standard):
+            return spec
+    return None
+
+
+def planned_targets(settings: BenchSettings) -> list[Target]:
+    """Every row the run measures, in table order: each backend spec's methods and passes, then
+    the peers (when ``settings.peers`` and a plain torch spec is among the backends)."""
+    from reformer_core._registry import resolve_backend
+
+    targets = []
+    for spec in settings.backends:
+        base, _, standard = spec_options(spec)
+        backend = resolve_backend(base)
+        jit = uses_jit(spec, backend, settings)
+        for method in planned_methods(spec, settings):
+            for pass_name in method.passes(settings):
+                targets.append(Target(spec, method, pass_name, backend, jit, standard))
+    torch_spec = _torch_peer_spec(settings) if settings.peers else None
+    if torch_spec is not None:
+        backend = resolve_backend(torch_spec)
+        for peer in peer_module.installed_peers():
+            for method in settings.methods:
+                if method.kind in peer_module.PEER_METHODS[peer]:
+                    for pass_name in settings.passes:
+                        targets.append(Target(peer, method, pass_name, backend, peer=peer))
+    return targets
+
+
+def device_unavailable(spec: str) -> str | None:
+    """Why a backend spec's device is not here (``"torch:cuda"`` without a GPU), else None.
+
+    Only a device that is well-formed but absent counts; unknown backends, frameworks that are
+    not installed and malformed devices are left to :func:`resolve_backends` (exit status 2)."""
+    from reformer_core._registry import resolve_backend
+
+    base, _, _ = spec_options(spec.strip().lower())
+    name, sep, device = base.partition(":")
+    if not sep or not device.strip() or name not in available_backends():
+        return None
+    try:
+        resolve_backend(base)
+    except ValueError as error:
+        if "has no device" in str(error):
+            return str(error)
+        raise
+    return None
+
+
+def bench_targets(spec: str | None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """``(backend specs to run, {spec: reason} skipped)`` for ``--backends``.
+
+    A spec whose device is not here (``torch:cuda`` on a machine without a GPU) is skipped with
+    its reason and the others run; every other problem (unknown name, framework missing,
+    malformed device) raises ``ValueError`` from :func:`resolve_backends`, before any work. When
+    every spec is skipped, ``ValueError`` too."""
+    if spec is None or not spec.strip() or spec.strip() == "all":
+        return resolve_backends(spec), {}
+    skipped, kept = {}, []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        reason = device_unavailable(part)
+        if reason is None:
+            kept.append(part)
+        else:
+            skipped[part.lower()] = reason
+    if not kept:
+        raise ValueError("no backend of --backends can run here: "
+                         + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
+    return resolve_backends(",".join(kept)), skipped
+
+
+def _rate_key(target: Target, settings: BenchSettings) -> str:
+    return f"{target.backend.name}:{target.backend.device}:{settings.dtype}"
+
+
+def run_benchmark(settings: BenchSettings, progress: Any = None, *, argv: list[str] | None = None,
+                  skipped_backends: dict[str, str] | None = None, clock: Callable[[], float] = time.perf_counter
+                  ) -> dict:
     """Run every (backend, length, method, pass) and return the JSON-ready report.
 
-    ``progress``: an object with ``step(message)`` told before each configuration.
+    For each length and pass, every row of every backend (and peer) is timed round-robin: a
+    warm-up call each, then ``repeats`` rounds of one call each (A B A B), so load that comes
+    and goes hits them alike; ratios between rows are taken round by round. Threads are pinned
+    to ``settings.threads`` (default: the usable cores) for the whole run.
+
+    ``progress``: an object with ``step(message)`` told before each row's first call (and,
+    optionally, ``note(message)`` between rounds).
     """
     started = time.monotonic()
+    threads = settings.threads or usable_cpus()
     report = {
         "schema": SCHEMA,
         "command": None if argv is None else ["reformer-core", *argv],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "threads": threads},
         **environment(),
         "backends": {},
+        "skipped_backends": dict(skipped_backends or {}),
         "methods": [asdict(method) for method in settings.methods],
         "results": [],
+        "warnings": [],
     }
+    report["load_1min_start"] = load_average()
+    targets = planned_targets(settings)
+    for target in targets:
+        if target.label in report["backends"]:
+            continue
+        if target.peer is None:
+            report["backends"][target.label] = {**target.backend.describe(), "compiled": target.jit,
+                                                "standard_path": target.standard}
+        else:
+            report["backends"][target.label] = {
+                "backend": target.label, "peer": True, "version": peer_module.peer_versions().get(target.peer),
+                "device": str(target.backend.device), "runs_beside": _torch_peer_spec(settings),
+                "projections": True}
     memory_budget = settings.memory_budget_gb * 1e9
-    for backend_name in settings.backends:
-        with use_backend(split_spec(backend_name)[0]) as backend:
-            jit = uses_jit(backend_name, backend, settings)
-            report["backends"][backend_name] = {**backend.describe(), "compiled": jit}
-            done: dict[tuple, tuple[int, float]] = {}
-            for length in settings.lengths:
-                for method in planned_methods(backend_name, settings):
-                    for pass_name in method.passes(settings):
-                        if progress is not None:
-                            progress.step(f"{backend_name} L={length} {method.title} {pass_name}")
-                        row = _measure(backend, backend_name, method, pass_name, length, settings, done,
-                                       memory_budget, started, jit)
-                        report["results"].append(row)
-                gc.collect()
+    with pinned_threads(threads) as thread_info:
+        report["threads"] = thread_info
+        report["warnings"] += oversubscription_warnings(threads, thread_info.get("pools_before"),
+                                                        report["load_1min_start"])
+        report["matmul"] = {}
+        for target in targets:  # the yardstick of the % matmul column, once per device and dtype
+            key = _rate_key(target, settings)
+            if key not in report["matmul"]:
+                report["matmul"][key] = matmul_rate(target.backend, settings.dtype)
+        done: dict[tuple, tuple[int, float]] = {}
+        for length in settings.lengths:
+            for pass_name in (*settings.passes, "step"):
+                group = [t for t in targets if t.pass_name == pass_name]
+                if group:
+                    report["results"] += _measure_group(group, length, settings, done, memory_budget, started,
+                                                        progress, clock)
+            gc.collect()
+        for target in targets:  # again at the end: the better of the two is the yardstick
+            key = _rate_key(target, settings)
+            if "measured" not in report["matmul"][key]:
+                report["matmul"][key] = best_rate(report["matmul"][key], matmul_rate(target.backend, settings.dtype))
+    report["load_1min_end"] = load_average()
+    for row in report["results"]:
+        matmul = report["matmul"].get(row.pop("rate_key", None), {})
+        row["gflops"], row["matmul_pct"] = rates(row["flops"], row["time_s"], matmul.get("gflops"))
+    noisy = [r for r in report["results"] if r.get("noisy")]
+    if noisy:
+        report["warnings"].append(f"{len(noisy)} row(s) with spread (max/min of the timed calls) above "
+                                  f"{settings.max_spread:g}, marked '!': timings disturbed; rerun on an idle machine "
+                                  f"or with more --repeats")
     _add_ratios(report)
     report["elapsed_s"] = round(time.monotonic() - started, 3)
     return report
 
 
-def _measure(backend, backend_name, method, pass_name, length, settings, done, memory_budget, started,
-             jit=False) -> dict:
+def _new_row(target: Target, length: int, settings: BenchSettings) -> dict:
+    method = target.method
     row = {
-        "backend": backend_name, "method": method.name, "kind": method.kind, "num_hashes": method.num_hashes,
-        "pass": pass_name, "length": length, "batch": settings.batch_at(length), "num_buckets": None,
-        "status": "ok", "estimated_peak_bytes": estimate_peak_bytes(method, length, settings, pass_name, backend),
-        "first_call_s": None, "times_s": [], "time_s": None, "peak_memory_bytes": None, "memory_kind": None,
+        "backend": target.label, "peer": target.peer is not None, "method": method.name, "kind": method.kind,
+        "num_hashes": method.num_hashes, "pass": target.pass_name, "length": length, "batch": settings.batch_at(length),
+        "num_buckets": None, "status": "ok",
+        "estimated_peak_bytes": estimate_peak_bytes(method, length, settings, target.pass_name, target.backend),
+        "first_call_s": None, "times_s": [], "time_s": None, "min_s": None, "median_s": None, "max_s": None,
+        "iqr_s": None, "spread": None, "noisy": False, "flops": None, "gflops": None, "matmul_pct": None,
+        "reference": None, "speedup": None, "peak_memory_bytes": None, "memory_kind": None,
+        "load_1min": load_average(),
     }
     if method.kind == "lsh":
         buckets = default_num_buckets(length, settings.chunk_length)
         row["num_buckets"] = list(buckets) if isinstance(buckets, tuple) else buckets
-    if row["estimated_peak_bytes"] > memory_budget:
-        row["status"] = SKIPPED_MEMORY
-        return row
+    common = {"batch": row["batch"], "heads": settings.heads, "length": length, "head_dim": settings.head_dim,
+              "chunk_length": settings.chunk_length, "num_chunks_before": settings.num_chunks_before,
+              "num_chunks_after": settings.num_chunks_after, "num_hashes": method.num_hashes}
+    row["flops"] = attention_flops(method.kind, target.pass_name, **common)
+    if target.peer is not None and row["flops"] is not None:
+        width = settings.heads * settings.head_dim
+        row["flops"] += projection_flops(target.pass_name, batch=row["batch"], length=length, d_model=width,
+                                         width=width, outputs=3 if method.kind == "local" else 2)
+    return row
+
+
+def _build_call(target: Target, length: int, settings: BenchSettings) -> Callable[[], Any]:
+    if target.peer is not None:
+        return peer_module.peer_call(
+            target.peer, target.method.kind, target.method.num_hashes, target.pass_name, batch=settings.batch_at(length),
+            length=length, heads=settings.heads, head_dim=settings.head_dim, chunk_length=settings.chunk_length,
+            num_chunks_before=settings.num_chunks_before, num_chunks_after=settings.num_chunks_after,
+            causal=settings.causal, device=target.backend.device, dtype=settings.dtype, seed=settings.seed)
+    call, _ = _call_for(target.method, target.pass_name, length, settings, target.backend, target.jit)
+    if not target.standard:
+        return call
+
+    def on_standard_path():
+        with standard_path():
+            return call()
+
+    return on_standard_path
+
+
+def _measure_group(group: list[Target], length: int, settings: BenchSettings, done: dict, memory_budget: float,
+                   started: float, progress: Any, clock: Callable[[], float]) -> list[dict]:
+    """The rows of one (length, pass), timed round-robin."""
+    rows = [_new_row(target, length, settings) for target in group]
     remaining = math.inf
     if settings.time_budget_s is not None:
         remaining = settings.time_budget_s - (time.monotonic() - started)
-    key = (method.name, pass_name)
-    if _time_skip(method, key, done, length, settings, remaining):
-        row["status"] = SKIPPED_TIME
-        return row
-    try:
-        call, _ = _call_for(method, pass_name, length, settings, backend, jit)
-        row["first_call_s"], row["times_s"] = time_calls(call, backend.synchronize, settings.warmup, settings.repeats)
-        row["time_s"] = statistics.median(row["times_s"])
-        done[key] = (length, row["time_s"])
+    live: list[tuple[int, Callable[[], Any]]] = []
+    for index, (target, row) in enumerate(zip(group, rows)):
+        reason = None
+        if target.peer is not None:
+            reason = peer_module.peer_supports(target.peer, target.method.kind, length,
+                                               chunk_length=settings.chunk_length,
+                                               num_chunks_before=settings.num_chunks_before,
+                                               num_chunks_after=settings.num_chunks_after)
+        if reason is not None:
+            row["status"], row["reason"] = "skipped: shape", reason
+        elif row["estimated_peak_bytes"] > memory_budget:
+            row["status"] = SKIPPED_MEMORY
+        elif _time_skip(target.method, (target.label, target.method.name, target.pass_name), done, length, settings,
+                        remaining):
+            row["status"] = SKIPPED_TIME
+        else:
+            try:
+                live.append((index, _build_call(target, length, settings)))
+            except Exception as error:
+                row["status"], row["error"] = "error", f"{type(error).__name__}: {error}"
+    if not live:
+        return rows
+
+    def describe(index: int) -> str:
+        target = group[index]
+        return f"L={length} {target.pass_name} {target.label} {target.method.title}"
+
+    def on_warmup(position: int) -> None:
+        if progress is not None:
+            progress.step(describe(live[position][0]) + " (first call)")
+
+    def on_round(round_index: int) -> None:
+        note = getattr(progress, "note", None)
+        if callable(note):
+            note(f"L={length} {group[live[0][0]].pass_name}: round {round_index + 1}/{settings.repeats} "
+                 f"over {len(live)} rows")
+
+    def on_error(position: int, error: BaseException) -> None:
+        row = rows[live[position][0]]
+        row["status"], row["error"] = "error", f"{type(error).__name__}: {error}"
+
+    calls = [(call, group[index].backend.synchronize) for index, call in live]
+    timings = time_round_robin(calls, settings.warmup, settings.repeats, clock=clock, on_warmup=on_warmup,
+                               on_round=on_round, on_error=on_error)
+    for (index, call), (first, times) in zip(live, timings):
+        target, row = group[index], rows[index]
+        row["first_call_s"], row["times_s"] = first, list(times)
+        if row["status"] != "ok":
+            continue
+        row.update(summarize(times, settings.max_spread))
+        row["time_s"] = row["median_s"]
+        done[(target.label, target.method.name, target.pass_name)] = (length, row["time_s"])
+        row["rate_key"] = _rate_key(target, settings)
         if settings.measure_memory:
-            row["peak_memory_bytes"], row["memory_kind"] = _peak_memory(backend, call)
-    except Exception as error:  # MemoryError included: report it, go on with the rest
-        row["status"] = "error"
-        row["error"] = f"{type(error).__name__}: {error}"
-    return row
+            try:
+                row["peak_memory_bytes"], row["memory_kind"] = _peak_memory(target.backend, call)
+            except Exception as error:  # MemoryError included: report it, go on with the rest
+                row["status"], row["error"] = "error", f"{type(error).__name__}: {error}"
+    _same_round_speedups(group, rows)
+    return rows
+
+
+def _same_round_speedups(group: list[Target], rows: list[dict]) -> None:
+    """``speedup`` = the reference row's time over this row's, median over the same rounds: for a
+    backend's rows the same backend's full attention (the core's), for a peer's rows HF's
+    layer of the same method (``reference`` names it)."""
+    ok = {(row["backend"], row["method"]): row for row in rows if row["status"] == "ok"}
+    for target, row in zip(group, rows):
+        if row["status"] != "ok":
+            continue
+        reference = ("hf-transformers", row["method"]) if target.peer is not None else (row["backend"], "full")
+        other = ok.get(reference)
+        if other is None or other is row or row["kind"] == "train":
+            continue
+        row["reference"] = f"{reference[0]} {reference[1]}"
+        row["speedup"] = paired_ratio(other["times_s"], row["times_s"])
 
 
 def _add_ratios(report: dict) -> None:

@@ -21,6 +21,9 @@ forward+backward time (median of ``--repeats``) and the forward+backward's peak 
 * with ``--compile``: ``lsh_jit`` and ``lsh_block_jit``, the first two through
   ``torch.compile`` (the torch backend's ``jit``; the first call per shape compiles).
 
+The HF layer is built by :mod:`reformer_core.bench.peers`, which ``reformer-core bench`` uses
+for its peer rows too.
+
 Depth: one ``ReformerLM`` training step at ``--model-length`` for 2, 4, 8, 12 layers
 (:mod:`reformer_core.bench.depth`, as ``reformer-core bench --memory --backends torch``).
 """
@@ -37,6 +40,7 @@ import torch
 
 import reformer_core as rc
 from reformer_core.bench.memory import rss_peak, unmap_large_blocks
+from reformer_core.bench.peers import bucket_list, hf_lsh_layer
 
 
 def _timed(fn, device, repeats):
@@ -78,11 +82,6 @@ def _row(fn, device, repeats):
             "forward_backward_peak_bytes": _peak(both, device)}
 
 
-def _bucket_list(length, chunk):
-    buckets = rc.default_num_buckets(length, chunk)
-    return buckets if isinstance(buckets, int) else list(buckets)
-
-
 def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chunk=64, repeats=3, with_sdpa=True,
                     compiled=False):
     """Rows for one (length, hashes): the core's LSH attention on given shared-QK and value
@@ -122,7 +121,7 @@ def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chu
         cases.update({"lsh_jit": jit(lsh), "lsh_block_jit": jit(lsh_block)})
     if with_sdpa:
         cases["sdpa"] = sdpa  # independent of the hash count: measured once per length
-    hf = _hf_layer(length, num_hashes, device, dtype, heads, head_dim, chunk)
+    hf = hf_lsh_layer(length, num_hashes, device, dtype, heads, head_dim, chunk)
     if hf is not None:
         cases["hf_lsh"] = lambda: hf(hidden)
     rows = {}
@@ -131,19 +130,6 @@ def attention_cases(length, num_hashes, device, dtype, heads=4, head_dim=64, chu
         for tensor in (qk, v, hidden, *projections.parameters(), *(hf.parameters() if hf else ())):
             tensor.grad = None
     return rows
-
-
-def _hf_layer(length, num_hashes, device, dtype, heads, head_dim, chunk):
-    try:
-        from transformers import ReformerConfig
-        from transformers.models.reformer.modeling_reformer import LSHSelfAttention
-    except ImportError:
-        return None
-    config = ReformerConfig(hidden_size=heads * head_dim, num_attention_heads=heads, attention_head_size=head_dim,
-                            num_hashes=num_hashes, lsh_attn_chunk_length=chunk, is_decoder=True,
-                            num_buckets=_bucket_list(length, chunk), lsh_num_chunks_before=1,
-                            lsh_num_chunks_after=0, lsh_attention_probs_dropout_prob=0.0)
-    return LSHSelfAttention(config).to(device, dtype)
 
 
 def hf_depth_rows(depths, length, device, dtype=torch.float32):
@@ -159,7 +145,7 @@ def hf_depth_rows(depths, length, device, dtype=torch.float32):
     for depth in depths:
         config = ReformerConfig(vocab_size=256, hidden_size=256, num_attention_heads=4, attention_head_size=64,
                                 feed_forward_size=1024, attn_layers=["lsh"] * depth, num_hashes=2,
-                                lsh_attn_chunk_length=64, num_buckets=_bucket_list(length, 64), is_decoder=True,
+                                lsh_attn_chunk_length=64, num_buckets=bucket_list(length, 64), is_decoder=True,
                                 axial_pos_shape=[64, length // 64], axial_pos_embds_dim=[64, 192],
                                 max_position_embeddings=length, hidden_dropout_prob=0.0,
                                 lsh_attention_probs_dropout_prob=0.0, chunk_size_feed_forward=512)

@@ -1,12 +1,15 @@
 """A tiny progress display for long commands: a redrawn bar on a terminal, a ticker otherwise.
 
 No dependencies. On a TTY the bar is redrawn in place on one line; when the stream is not a
-TTY (CI logs, pipes, files) every step prints its own line, so a log shows what ran when.
+TTY (CI logs, pipes, files) steps print their own lines, throttled to one every
+``min_interval`` seconds (the first and the last step always print, and a line says how many
+steps it stands for), so a log shows what ran when without a line per step.
 
     with Progress(total=15, label="bench") as progress:
         for item in items:
             progress.step(f"numpy L={length} lsh x4")   # announces the step about to run
             ...
+            progress.note("round 2/3")                   # news within a step (not counted)
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Progress:
         tty: force bar (``True``) or ticker (``False``) mode; default ``stream.isatty()``.
         width: characters of the bar in TTY mode.
         clock: seconds since an arbitrary origin (for tests).
+        min_interval: in ticker mode (not a TTY), the fewest seconds between two printed lines
+            (default 10; 0 prints every step). Notes print only when the interval has passed.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class Progress:
         tty: bool | None = None,
         width: int = 24,
         clock: Callable[[], float] = time.monotonic,
+        min_interval: float = 10.0,
     ) -> None:
         self.total = max(0, int(total))
         self.label = label
@@ -62,6 +68,9 @@ class Progress:
         self._start = clock()
         self._last_width = 0
         self._closed = False
+        self.min_interval = max(0.0, float(min_interval))
+        self._last_line: float | None = None  # when ticker mode last printed
+        self._unprinted = 0  # steps since the last printed line
 
     @property
     def elapsed(self) -> float:
@@ -73,7 +82,32 @@ class Progress:
         if not self.enabled or self._closed:
             return
         self.count += 1
-        self._show(self.count, message)
+        if self.tty:
+            self._show(self.count, message)
+            return
+        self._unprinted += 1
+        if self._due() or self.count == 1 or (self.total and self.count >= self.total):
+            self._tick(message)
+
+    def note(self, message: str) -> None:
+        """News within the current step (a round, a phase); not counted. On a TTY it redraws the
+        bar; in ticker mode it prints only when ``min_interval`` has passed since the last line."""
+        if not self.enabled or self._closed:
+            return
+        if self.tty:
+            self._show(self.count, message)
+        elif self._due():
+            self._tick(message, earlier=self._unprinted)
+
+    def _due(self) -> bool:
+        return self._last_line is None or self.clock() - self._last_line >= self.min_interval
+
+    def _tick(self, message: str, earlier: int | None = None) -> None:
+        skipped = self._unprinted - 1 if earlier is None else earlier
+        extra = f" (+{skipped} earlier step{'s' if skipped > 1 else ''})" if skipped > 0 else ""
+        self._write(f"{self._prefix(self.count)} {message}{extra}\n")
+        self._last_line = self.clock()
+        self._unprinted = 0
 
     def close(self, message: str = "done") -> None:
         """Finish the display (ends the TTY line); further calls do nothing."""
