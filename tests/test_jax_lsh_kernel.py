@@ -15,6 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 import reformer_core as rc  # noqa: E402
 from reformer_core.backends.jax import lsh_kernel  # noqa: E402
 from reformer_core.conformance.tolerances import tolerance_for  # noqa: E402
+from lsh_cases import lsh_case  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Explicitly requested dtype int64")
 
@@ -22,27 +23,9 @@ X64 = bool(jax.config.jax_enable_x64)
 DTYPES = ["float32", "float64"] if X64 else ["float32"]
 
 
-def _inputs(seed, batch, heads, chunks, chunk, head_dim, num_hashes, before, after, causal, padded, dropout,
-            duplicate_correction, dtype):
-    rng = np.random.default_rng(seed)
-    length = chunks * chunk
-
-    def normal(shape):
-        return jnp.asarray(rng.standard_normal(shape), dtype=getattr(jnp, dtype))
-
-    qk, v = normal((batch, heads, length, head_dim)), normal((batch, heads, length, head_dim))
-    num_buckets = rc.default_num_buckets(length, chunk)
-    rotations = rc.random_rotations(seed, heads, head_dim, num_hashes, num_buckets, like=qk)
-    kwargs = dict(num_buckets=num_buckets, chunk_length=chunk, num_chunks_before=before, num_chunks_after=after,
-                  causal=causal, duplicate_correction=duplicate_correction)
-    if padded:
-        lengths = rng.integers(1, length + 1, batch)
-        kwargs["attention_mask"] = jnp.asarray(np.arange(length)[None, :] < lengths[:, None])
-    if dropout:
-        window = (before + 1 + after) * chunk
-        shape = (batch, heads, num_hashes * length // chunk, chunk, window)
-        kwargs.update(dropout_rate=dropout, dropout_keep=jnp.asarray(rng.random(shape) >= dropout))
-    return qk, v, rotations, kwargs, normal((batch, heads, length, head_dim))
+def _inputs(*case):
+    *case, dtype = case
+    return lsh_case(*case, floats=lambda x: jnp.asarray(x, dtype=getattr(jnp, dtype)), bools=jnp.asarray)
 
 
 def _value_and_grads(qk, v, rotations, kwargs, cotangent):

@@ -12,29 +12,13 @@ torch = pytest.importorskip("torch", reason="the torch fast path needs PyTorch (
 
 import reformer_core as rc  # noqa: E402
 from reformer_core.conformance.tolerances import tolerance_for  # noqa: E402
+from lsh_cases import lsh_case  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _inputs(seed, batch, heads, chunks, chunk, head_dim, num_hashes, before, after, causal, padded, dropout,
-            duplicate_correction, dtype):
-    rng = np.random.default_rng(seed)
-    length = chunks * chunk
-    qk = torch.from_numpy(rng.standard_normal((batch, heads, length, head_dim))).to(dtype)
-    v = torch.from_numpy(rng.standard_normal((batch, heads, length, head_dim))).to(dtype)
-    num_buckets = rc.default_num_buckets(length, chunk)
-    rotations = rc.random_rotations(seed, heads, head_dim, num_hashes, num_buckets, like=qk)
-    kwargs = dict(num_buckets=num_buckets, chunk_length=chunk, num_chunks_before=before, num_chunks_after=after,
-                  causal=causal, duplicate_correction=duplicate_correction)
-    if padded:
-        lengths = rng.integers(1, length + 1, batch)
-        kwargs["attention_mask"] = torch.from_numpy(np.arange(length)[None, :] < lengths[:, None])
-    if dropout:
-        window = (before + 1 + after) * chunk
-        shape = (batch, heads, num_hashes * length // chunk, chunk, window)
-        kwargs.update(dropout_rate=dropout, dropout_keep=torch.from_numpy(rng.random(shape) >= dropout))
-    cotangent = torch.from_numpy(rng.standard_normal((batch, heads, length, head_dim))).to(dtype)
-    return qk, v, rotations, kwargs, cotangent
+def _inputs(*case, dtype):
+    return lsh_case(*case, floats=lambda x: torch.from_numpy(x).to(dtype), bools=torch.from_numpy)
 
 
 def _run(qk, v, rotations, kwargs, cotangent, standard):
@@ -62,14 +46,14 @@ def _close(fast, standard, dtype, what):
 def test_fast_path_matches_the_standard_path(seed, batch, heads, chunks, chunk, head_dim, num_hashes, before, after,
                                              causal, padded, dropout, duplicate_correction, dtype):
     args = _inputs(seed, batch, heads, chunks, chunk, head_dim, num_hashes, before, after, causal, padded, dropout,
-                   duplicate_correction, DTYPES[dtype])
+                   duplicate_correction, dtype=DTYPES[dtype])
     for what, fast, standard in zip(("out", "d_qk", "d_v"), _run(*args, standard=False), _run(*args, standard=True)):
         _close(fast, standard, dtype, what)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fast_path_in_low_precision_stays_within_the_table(dtype):
-    args = _inputs(3, 1, 2, 8, 16, 16, 2, 1, 0, True, True, 0.0, False, DTYPES[dtype])
+    args = _inputs(3, 1, 2, 8, 16, 16, 2, 1, 0, True, True, 0.0, False, dtype=DTYPES[dtype])
     for what, fast, standard in zip(("out", "d_qk", "d_v"), _run(*args, standard=False), _run(*args, standard=True)):
         _close(fast, standard, dtype, what)
 
@@ -80,7 +64,7 @@ def test_the_fast_path_is_the_default_and_the_switch_turns_it_off(monkeypatch):
     calls = []
     original = lsh_kernel.lsh_chunk_attention
     monkeypatch.setattr(lsh_kernel, "lsh_chunk_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
-    qk, v, rotations, kwargs, _ = _inputs(0, 1, 1, 4, 4, 4, 2, 1, 0, True, False, 0.0, False, torch.float64)
+    qk, v, rotations, kwargs, _ = _inputs(0, 1, 1, 4, 4, 4, 2, 1, 0, True, False, 0.0, False, dtype=torch.float64)
     rc.lsh_attention(qk, v, rotations, **kwargs)
     assert calls == [1]
     with rc.standard_path():
@@ -97,7 +81,7 @@ def test_the_fast_path_is_the_default_and_the_switch_turns_it_off(monkeypatch):
 def test_blocks_split_long_sequences_without_changing_the_result(monkeypatch):
     from reformer_core.backends.torch import lsh_kernel
 
-    args = _inputs(5, 2, 2, 16, 8, 8, 3, 1, 1, True, True, 0.0, True, torch.float64)
+    args = _inputs(5, 2, 2, 16, 8, 8, 3, 1, 1, True, True, 0.0, True, dtype=torch.float64)
     whole = _run(*args, standard=False)
     monkeypatch.setattr(lsh_kernel, "BLOCK_BYTES", 8 * 8 * 3 * 8 * 3)  # three chunks per block, one head at a time
     for a, b in zip(whole, _run(*args, standard=False)):
@@ -105,7 +89,7 @@ def test_blocks_split_long_sequences_without_changing_the_result(monkeypatch):
 
 
 def test_fast_path_gradients_pass_gradcheck():
-    args = _inputs(1, 1, 2, 3, 4, 4, 2, 1, 1, True, True, 0.0, True, torch.float64)
+    args = _inputs(1, 1, 2, 3, 4, 4, 2, 1, 1, True, True, 0.0, True, dtype=torch.float64)
     qk, v, rotations, kwargs, _ = args
     # Hashing is held fixed by the core (no gradient), so perturbing qk must not change buckets:
     # compare against finite differences with the buckets of the unperturbed input.
@@ -125,7 +109,7 @@ def test_fast_path_gradients_pass_gradcheck():
 
 def test_model_under_torch_compile_has_no_graph_break_in_attention():
     pytest.importorskip("torch._dynamo")
-    qk, v, rotations, kwargs, _ = _inputs(2, 1, 2, 4, 4, 4, 2, 1, 0, True, True, 0.0, False, torch.float32)
+    qk, v, rotations, kwargs, _ = _inputs(2, 1, 2, 4, 4, 4, 2, 1, 0, True, True, 0.0, False, dtype=torch.float32)
 
     def attention(qk, v):
         return rc.lsh_attention(qk, v, rotations, **kwargs)
@@ -142,7 +126,7 @@ def test_backward_keeps_no_per_chunk_probabilities():
     saved, head_dim, chunk = {}, 8, 32
     for chunks in (4, 16):
         qk, v, rotations, kwargs, _ = _inputs(0, 1, 2, chunks, chunk, head_dim, 2, 1, 0, True, False, 0.0, False,
-                                              torch.float32)
+                                              dtype=torch.float32)
         qk.requires_grad_(True)
         out = rc.lsh_attention(qk, v, rotations, **kwargs)
         node = out.grad_fn
