@@ -172,9 +172,10 @@ def test_loss_and_grad_equals_value_and_grad(backend, data):
         assert _max_diff(grads, expected) < 1e-5
         assert jax.tree.structure(grads) == jax.tree.structure(params)
         losses.append(float(loss))
+        traced = step._cache_size() if number == 3 else traced  # jit caches are shared with other tests' jits
     # Another step number means other rotations and masks, with no retrace.
     assert losses[0] != losses[1]
-    assert step._cache_size() == 1
+    assert step._cache_size() == traced
     logits = jax.jit(jax_model.apply, static_argnames="config")(
         params, tokens, config, **jax_model.step_randomness(config, 3, batch=BATCH, length=LENGTH, like=params,
                                                             training=False))
