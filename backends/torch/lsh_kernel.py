@@ -174,12 +174,15 @@ class _Block:
         part = x[self.h, self.s * self.geo.c:self.e * self.geo.c]
         return part.view(self.m, self.geo.c, *part.shape[1:])
 
-    def add_windows(self, target, d_windows):
-        """Add window-shaped gradients ``(m, window_rows, d)`` into this block's halo rows
-        ``target ((m + width - 1) * c, d)``."""
+    def add_window_products(self, target, weights, rows):
+        """``target ((m + width - 1) * c, d) += `` the window-shaped product ``weights^T @ rows``
+        (``weights (m, c, window_rows)``, ``rows (m, c, d)``), slot by slot into the halo rows
+        each slot holds: the addition happens inside the matmul (``baddbmm_``), no window-shaped
+        temporary."""
         c = self.geo.c
         for k in range(self.geo.width):
-            target[k * c:(k + self.m) * c].view(self.m, c, -1).add_(d_windows[:, k * c:(k + 1) * c])
+            slot = weights[..., k * c:(k + 1) * c].transpose(-1, -2)
+            target[k * c:(k + self.m) * c].view(self.m, c, -1).baddbmm_(slot, rows)
         return target
 
 
@@ -316,10 +319,9 @@ def _backward(ctx, d_result):
         g = torch.index_select(d_outs, 0, block.out_rows, out=work.get("g", (block.m * geo.c, d)))
         g = g.view(block.m, geo.c, d)
         row_shift = torch.index_select(shift, 0, block.out_rows, out=work.get("shift", (block.m * geo.c, 1)))
-        d_window = work.get("d_window", (block.m, geo.window_rows, d))
         d_halo = work.get("d_halo", (block.halo_rows.numel(), d))
         dropped = _dropped(probs, keep_drop, ctx.rate, block, out=work.get("dropped", probs.shape))
-        block.add_windows(d_halo.zero_(), torch.bmm(dropped.transpose(-1, -2), g, out=d_window))
+        block.add_window_products(d_halo.zero_(), dropped, g)
         d_values.index_put_((block.halo_rows,), d_halo, accumulate=True)
         d_logits = work.get("d_logits", probs.shape)
         v_windows = block.window(block.v).transpose(-1, -2)
@@ -335,11 +337,12 @@ def _backward(ctx, d_result):
         block.k.masked_fill_(bad_keys[block.halo_rows].unsqueeze(-1), 0.0)  # a masked NaN key must not reach d_q
         d_q = torch.bmm(d_logits, block.window(block.k), out=work.get("d_q", (block.m, geo.c, d)))
         d_qk.index_put_((block.query_rows,), d_q.view(-1, d), accumulate=True)
-        block.add_windows(d_halo.zero_(), torch.bmm(d_logits.transpose(-1, -2), block.q, out=d_window))
+        block.add_window_products(d_halo.zero_(), d_logits, block.q)
         d_keys.index_put_((block.halo_rows,), d_halo, accumulate=True)
     d_values.masked_fill_(bad.reshape(-1, 1), 0.0)  # the forward read those rows as zeros
     shape = geo.shape
-    return d_qk.view(shape), d_keys.view(shape), d_values.view(shape), None, None, None, None, None, None, None, None, None
+    return (d_qk.view(shape), d_keys.view(shape), d_values.view(shape), None, None, None, None, None, None, None,
+            None, None)
 
 
 def _xp():
