@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "run the conformance suite: every installed backend against the float64 NumPy oracle"),
     "train": ("reformer_core.bench.copy_task",
               "train a small Reformer on the paper's duplication task (0 w 0 w) and evaluate with 1-8 hashes"),
+    "generate": ("reformer_core._model.generate_command", "continue a text prompt with a saved model, streaming"),
+    "convert": ("reformer_core._io.convert", "convert between HF Reformer folders and .npz/.safetensors checkpoints"),
 }
 
 
@@ -172,6 +174,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 # ---------------------------------------------------------------- the entry point
 
 
+def package_version() -> str:
+    """The installed distribution's version (importlib.metadata), else the source tree's ``__version__``."""
+    try:
+        return metadata.version("reformer-core")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
+
 def _command_name(argv: list[str]) -> str | None:
     """The first argument that names a command (options come only after it)."""
     for argument in argv:
@@ -188,6 +200,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="reformer-core",
         description="The Reformer written once against the Python Array API: inspect, benchmark, check and train.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     for name, (module_name, summary) in COMMANDS.items():

@@ -12,6 +12,7 @@ what torch.optim and DistributedDataParallel expect.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -178,11 +179,30 @@ class ReformerLM(nn.Module):
         self.params = _ParamTree(tensors)
         self.step = 0  # training forwards so far; a Python int, so reading it never syncs a device
 
-    def get_extra_state(self) -> dict:
-        """The randomness state, saved in ``state_dict`` (as ``_extra_state``) with the weights."""
-        return {"seed": self.seed, "rotations_seed": self.rotations_seed, "step": self.step}
+    def get_extra_state(self) -> torch.Tensor:
+        """The randomness state, saved in ``state_dict`` (as ``_extra_state``) with the weights.
 
-    def set_extra_state(self, state: dict) -> None:
+        It is a uint8 tensor holding the JSON text ``{"seed", "rotations_seed", "step"}``, not
+        a dict: every ``state_dict`` value is then a tensor, which ``safetensors.torch.save_model``
+        needs (it reads ``.device`` and the storage of every value, so a dict made it fail with
+        ``AttributeError: 'dict' object has no attribute 'device'``). JSON keeps seeds of any size
+        exact (an int64 tensor would overflow above 2**63). Always on the CPU: it is metadata.
+        """
+        text = json.dumps({"seed": self.seed, "rotations_seed": self.rotations_seed, "step": self.step})
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Restore :meth:`get_extra_state`'s tensor (or the dict that older versions saved)."""
+        if isinstance(state, torch.Tensor):
+            if state.dtype != torch.uint8 or state.ndim != 1:
+                raise ValueError(f"ReformerLM's _extra_state must be a 1-d uint8 tensor of JSON text, got "
+                                 f"{state.dtype} of shape {tuple(state.shape)}")
+            try:
+                state = json.loads(bytes(state.cpu().tolist()).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                raise ValueError(f"ReformerLM's _extra_state is not JSON text: {error}") from None
+        if not isinstance(state, dict) or not {"seed", "rotations_seed", "step"} <= set(state):
+            raise ValueError(f"ReformerLM's _extra_state must hold seed, rotations_seed and step, got {state!r}")
         self.seed, self.rotations_seed, self.step = int(state["seed"]), int(state["rotations_seed"]), int(state["step"])
 
     @classmethod
@@ -258,7 +278,7 @@ class ReformerLM(nn.Module):
 
     def generate(self, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None, seed: int = 0,
-                 rotations_seed: int | None = None):
+                 rotations_seed: int | None = None, on_token=None):
         """Cached autoregressive generation: ``reformer_core.generate`` with this module's
         parameters, without autograd; ``rotations_seed`` defaults to the eval-mode one, so greedy
         tokens match ``forward`` in eval mode on the padded prefix. See ``docs/generate.md``."""
@@ -268,7 +288,8 @@ class ReformerLM(nn.Module):
         with torch.no_grad():
             return generate(self.parameter_tree(), self.config, prompt, max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
-                            rotations_seed=self.rotations_seed if rotations_seed is None else rotations_seed)
+                            rotations_seed=self.rotations_seed if rotations_seed is None else rotations_seed,
+                            on_token=on_token)
 
     def extra_repr(self) -> str:
         c = self.config

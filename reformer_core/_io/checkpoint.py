@@ -1,6 +1,7 @@
-"""Checkpoints: parameters, config, optimizer state and metadata in one ``.npz`` file.
+"""Checkpoints: parameters, config, optimizer state and metadata in one ``.npz`` or
+``.safetensors`` file (chosen by the file's suffix).
 
-On-disk layout (a plain NumPy ``.npz`` archive, uncompressed, no pickled objects):
+``.npz`` layout (a plain NumPy ``.npz`` archive, uncompressed, no pickled objects):
 
 ==================  =====================================================================
 ``__format__``      uint8 UTF-8 text ``"reformer-core-checkpoint/1"``
@@ -23,6 +24,16 @@ the optimizer state and the text entries) before any array data is read, so a da
 crafted file (a zip bomb) is refused without the memory it claims. The config itself is
 trusted to size the model: a config that implies a huge model makes its (real) parameters
 that large.
+
+``.safetensors`` layout (the format of the ``safetensors`` package, read and written by
+``reformer_core._io.hf``'s own parser): one tensor per array leaf, named by the same paths
+(``params/layers/0/attention/qk``, ``optimizer/m/...``), in its dtype (bfloat16 included, bit
+for bit); the header's ``__metadata__`` (string values only) holds ``format: "pt"``,
+``reformer_core: "reformer-core-checkpoint/1"`` and, as JSON text, ``config``, ``metadata``,
+``structure`` (as above) and ``scalars`` (the optimizer state's python ints/floats/bools, e.g.
+the step, by path). Loading parses and checks the whole header (dtypes, shapes against
+``param_shapes(config)``, byte ranges inside the file and not overlapping, the optimizer
+bounds below) before it reads any tensor data.
 """
 
 from __future__ import annotations
@@ -90,8 +101,11 @@ def save_checkpoint(
             ints/floats/bools (e.g. a step count) or None.
         metadata: a JSON-serialisable dict (str keys), e.g. ``{"step": 1000, "loss": 2.1}``.
 
-    Dtypes are kept exactly. A leaf NumPy cannot store losslessly (bfloat16) raises
-    TypeError: cast it to float32 first.
+    The format follows the suffix: ``.safetensors`` writes a safetensors file (config,
+    metadata, structure and the optimizer's python scalars as JSON in its header), anything
+    else the ``.npz`` archive. Dtypes are kept exactly; bfloat16 leaves (torch, JAX) are
+    stored bit for bit in ``.safetensors``, while in ``.npz`` (which NumPy cannot hold them
+    in) they raise TypeError: cast them to float32 first, or save as ``.safetensors``.
     """
     from .._model.lm import check_params
 
@@ -99,6 +113,9 @@ def save_checkpoint(
         raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
     check_params(params, config)
     metadata_text = _metadata_json({} if metadata is None else metadata)
+    if _is_safetensors(path):
+        _save_safetensors(os.fspath(path), params, config, optimizer_state, metadata_text)
+        return
 
     arrays: dict[str, np.ndarray] = {}
     structure = {
@@ -142,7 +159,7 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
 
 
-def _flatten(tree: Any, key: str, arrays: dict, *, allow_scalars: bool = True) -> Any:
+def _flatten(tree: Any, key: str, arrays: dict, *, allow_scalars: bool = True, dtypes: dict | None = None) -> Any:
     """Fill ``arrays`` with the host arrays of ``tree``'s leaves; return its structure (JSON)."""
     if isinstance(tree, dict):
         structure = {}
@@ -152,10 +169,11 @@ def _flatten(tree: Any, key: str, arrays: dict, *, allow_scalars: bool = True) -
                     f"{key}: dict keys must be non-empty str without '/', got {name!r}; "
                     f"checkpoints name leaves by their path"
                 )
-            structure[name] = _flatten(subtree, _join(key, name), arrays, allow_scalars=allow_scalars)
+            structure[name] = _flatten(subtree, _join(key, name), arrays, allow_scalars=allow_scalars, dtypes=dtypes)
         return structure
     if isinstance(tree, list):
-        return [_flatten(t, _join(key, str(i)), arrays, allow_scalars=allow_scalars) for i, t in enumerate(tree)]
+        return [_flatten(t, _join(key, str(i)), arrays, allow_scalars=allow_scalars, dtypes=dtypes)
+                for i, t in enumerate(tree)]
     if allow_scalars:
         if tree is None:
             return "none"
@@ -171,17 +189,34 @@ def _flatten(tree: Any, key: str, arrays: dict, *, allow_scalars: bool = True) -
         if isinstance(tree, float):
             arrays[key] = np.asarray(tree, dtype=np.float64)
             return "float"
-    arrays[key] = _to_host(key, tree)
+    arrays[key] = _to_host(key, tree, dtypes)
     return "array"
 
 
-def _to_host(key: str, leaf: Any) -> np.ndarray:
-    """A host NumPy copy of an array leaf, refusing anything NumPy cannot store exactly."""
+def _to_host(key: str, leaf: Any, dtypes: dict | None = None) -> np.ndarray:
+    """A host NumPy copy of an array leaf, refusing anything NumPy cannot store exactly.
+
+    With ``dtypes`` (a safetensors save), a bfloat16 leaf comes back as its exact float32
+    widening and ``dtypes[key] = "bfloat16"`` (the writer stores the original bits)."""
     dtype_name = str(getattr(leaf, "dtype", ""))
+    if "bfloat16" in dtype_name and dtypes is not None:
+        if isinstance(leaf, (np.ndarray, np.generic)):  # ml_dtypes (JAX's host arrays)
+            host = np.asarray(leaf).astype(np.float32)
+        elif framework_of(leaf) is not None:
+            from .._registry import backend_for
+
+            host = np.asarray(backend_for(leaf).to_numpy(leaf))
+            if host.dtype != np.float32:  # JAX hands back ml_dtypes bfloat16: widen exactly
+                host = host.astype(np.float32)
+        else:
+            raise TypeError(f"{key} is a {type(leaf).__name__}; checkpoint leaves must be arrays")
+        dtypes[key] = "bfloat16"
+        return host
     if "bfloat16" in dtype_name:
         raise TypeError(
             f"{key} has dtype bfloat16, which NumPy (and so a .npz checkpoint) cannot store exactly; "
-            f"cast the arrays to float32 first (no silent conversion)"
+            f"cast the arrays to float32 first (no silent conversion), or save to a .safetensors path, "
+            f"which stores bfloat16 exactly"
         )
     if isinstance(leaf, (np.ndarray, np.generic)):
         host = np.asarray(leaf)
@@ -202,7 +237,49 @@ def _to_host(key: str, leaf: Any) -> np.ndarray:
     return host
 
 
-def _write_atomically(path: str, arrays: dict) -> None:
+def _is_safetensors(path) -> bool:
+    return os.fspath(path).lower().endswith(".safetensors")
+
+
+_ST_MARKER = "reformer_core"
+
+
+def _save_safetensors(path: str, params: dict, config: ReformerConfig, optimizer_state: Any, metadata_text: str):
+    from .hf import write_safetensors_to
+
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    scalars: dict[str, Any] = {}
+    structure = {
+        _PARAMS: _flatten(params, _PARAMS, arrays, allow_scalars=False, dtypes=dtypes),
+        _OPTIMIZER: None if optimizer_state is None else _flatten(optimizer_state, _OPTIMIZER, arrays, dtypes=dtypes),
+    }
+    for key, kind in _kinds_of(structure).items():
+        if kind in _SCALAR_KINDS:  # python scalars go into the header as JSON, not as tensors
+            value = arrays.pop(key).item()
+            if kind == "float" and not math.isfinite(value):
+                value = repr(value)  # 'nan', 'inf', '-inf': JSON has no such numbers
+            scalars[key] = value
+    header = {
+        "format": "pt",
+        _ST_MARKER: f"{FORMAT_NAME}/{FORMAT_VERSION}",
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "metadata": metadata_text,
+        "structure": json.dumps(structure),
+        "scalars": json.dumps(scalars),
+    }
+    _write_atomically(path, arrays, lambda file: write_safetensors_to(file, arrays, dtypes=dtypes, metadata=header))
+
+
+def _kinds_of(structure: dict) -> dict:
+    out: dict[str, str] = {}
+    _leaf_kinds("", structure[_PARAMS], _PARAMS, out)
+    if structure[_OPTIMIZER] is not None:
+        _leaf_kinds("", structure[_OPTIMIZER], _OPTIMIZER, out)
+    return out
+
+
+def _write_atomically(path: str, arrays: dict, write=None) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save checkpoint {path}: folder {folder} does not exist")
@@ -213,7 +290,7 @@ def _write_atomically(path: str, arrays: dict) -> None:
     descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(descriptor, "wb") as file:
-            _write_npz(file, arrays)
+            (write or (lambda f: _write_npz(f, arrays)))(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
@@ -257,14 +334,16 @@ def load_checkpoint(
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Args:
-        path: the ``.npz`` file.
+        path: the ``.npz`` or ``.safetensors`` file (the format follows the suffix).
         config: when given, it must equal the stored config (ValueError naming the
             differing fields otherwise).
         backend: where to put the arrays: a name (``"numpy"``, ``"strict:device1"``) or a
             backend object; default ``get_backend()``.
         dtype: cast floating arrays (params and optimizer state) to this floating dtype
             (float16, bfloat16, float32 or float64; anything else raises TypeError before the
-            file is read); default: keep the stored dtypes. Integer and bool leaves keep theirs.
+            file is read); default: keep the stored dtypes (bfloat16 from a ``.safetensors`` file
+            needs a backend that has it, e.g. ``backend="torch"``, else TypeError: pass
+            ``dtype="float32"``, which is exact). Integer and bool leaves keep theirs.
 
     Returns:
         ``Checkpoint(params, config, optimizer_state, metadata)``; python scalars of the
@@ -276,7 +355,9 @@ def load_checkpoint(
     larger than the stored config allows (checked from the zip directory and the .npy headers
     before any data is decompressed: each parameter must have its config shape; an
     optimizer-state leaf may hold at most 16 bytes per parameter element, all of them together
-    8 times that; each text entry at most 16 MiB).
+    8 times that; each text entry at most 16 MiB). For ``.safetensors`` the same checks run on
+    its header (plus byte ranges inside the file and not overlapping, a header of at most
+    100 MiB) before any tensor data is read.
     """
     from .._registry import resolve_backend
     from .._model.lm import check_params, parameter_dtype
@@ -288,6 +369,45 @@ def load_checkpoint(
     if dtype is not None:
         parameter_dtype(target, dtype)  # integer or unknown dtypes fail here, before reading the file
 
+    if _is_safetensors(name):
+        stored_config, metadata, structure, arrays, widened = _load_safetensors(name, config)
+    else:
+        stored_config, metadata, structure, arrays = _load_npz_arrays(name, config)
+        widened = set()
+
+    host_params = _rebuild(name, structure[_PARAMS], _PARAMS, arrays, lambda a, key=None: a)
+    if not isinstance(host_params, dict):
+        raise ValueError(f"checkpoint {name}: params must be a dict of arrays, got a {type(host_params).__name__}")
+    try:
+        check_params(host_params, stored_config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint {name}: {error}") from None
+
+    if widened and dtype is None:
+        try:
+            parameter_dtype(target, "bfloat16")
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"checkpoint {name} stores bfloat16 arrays, which backend {target.name!r} cannot hold; pass "
+                f"dtype='float32' (exact for bfloat16) or a backend that has bfloat16, e.g. backend='torch'"
+            ) from None
+
+    def place(host: np.ndarray, key: str | None = None):
+        cast = dtype if dtype is not None and host.dtype.kind in "fc" else None
+        if cast is None and key in widened:
+            cast = parameter_dtype(target, "bfloat16")  # exact: the float32 values are bfloat16 numbers
+        return target.from_numpy(host, dtype=cast)
+
+    params = _rebuild(name, structure[_PARAMS], _PARAMS, arrays, place)
+    optimizer_state = (
+        None if structure[_OPTIMIZER] is None else _rebuild(name, structure[_OPTIMIZER], _OPTIMIZER, arrays, place)
+    )
+    return Checkpoint(params=params, config=stored_config, optimizer_state=optimizer_state, metadata=metadata)
+
+
+def _load_npz_arrays(name: str, config: ReformerConfig | None):
+    """``(config, metadata, structure, host arrays by key)`` of an ``.npz`` checkpoint, every
+    size checked before any array data is read."""
     members = _members(name)
     # The special entries first (bounded by _MAX_TEXT_BYTES each): the config sizes the rest.
     arrays = _read_members(name, members, [key for key in _SPECIAL_KEYS if key in members])
@@ -320,23 +440,147 @@ def load_checkpoint(
         if arrays[key].dtype.kind not in "biufc":
             raise ValueError(f"checkpoint {name}: {key} has unsupported dtype {arrays[key].dtype}")
 
-    host_params = _rebuild(name, structure[_PARAMS], _PARAMS, arrays, lambda a: a)
-    if not isinstance(host_params, dict):
-        raise ValueError(f"checkpoint {name}: params must be a dict of arrays, got a {type(host_params).__name__}")
+    return stored_config, metadata, structure, arrays
+
+
+def _load_safetensors(name: str, config: ReformerConfig | None):
+    """``(config, metadata, structure, host arrays by key, bfloat16 keys)`` of a
+    ``.safetensors`` checkpoint. The whole header is checked (by the ``validate`` hook of
+    ``read_safetensors``) before any tensor data is read."""
+    from .hf import read_safetensors
+
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"checkpoint file {name} does not exist")
+    if os.path.isdir(name):
+        raise ValueError(f"checkpoint {name} is a folder, not a .safetensors file")
+    found: dict[str, Any] = {}
+
+    def validate(entries: dict, header: dict) -> None:
+        marker = header.get(_ST_MARKER)
+        if marker is None:
+            raise ValueError(
+                f"{name} is a safetensors file, but not a reformer-core checkpoint (its header has no "
+                f"{_ST_MARKER!r} entry): for an HF model folder use reformer_core.from_pretrained"
+            )
+        _check_marker(name, marker)
+        for key in ("config", "metadata", "structure", "scalars"):
+            if key not in header:
+                raise ValueError(f"checkpoint {name}: its header lacks {key!r}; it was not written by save_checkpoint")
+            if len(header[key].encode("utf-8")) > _MAX_TEXT_BYTES:
+                raise ValueError(f"checkpoint {name}: header entry {key!r} is larger than {_MAX_TEXT_BYTES} bytes")
+        texts = {key: _text_array(header[key]) for key in ("config", "metadata", "structure", "scalars")}
+        stored_config = _stored_config(name, {_CONFIG_KEY: texts["config"]})
+        if config is not None and config != stored_config:
+            raise ValueError(_config_difference(name, stored_config, config))
+        metadata = _json_entry(name, {_METADATA_KEY: texts["metadata"]}, _METADATA_KEY)
+        if not isinstance(metadata, dict):
+            raise ValueError(f"checkpoint {name}: its metadata is not a JSON object")
+        structure = _json_entry(name, {_STRUCTURE_KEY: texts["structure"]}, _STRUCTURE_KEY)
+        if not isinstance(structure, dict) or set(structure) != {_PARAMS, _OPTIMIZER}:
+            raise ValueError(f"checkpoint {name}: its structure must hold 'params' and 'optimizer' trees")
+        scalars = _json_entry(name, {"scalars": texts["scalars"]}, "scalars")
+        if not isinstance(scalars, dict):
+            raise ValueError(f"checkpoint {name}: its scalars are not a JSON object")
+        kinds: dict[str, str] = {}
+        _leaf_kinds(name, structure[_PARAMS], _PARAMS, kinds)
+        if structure[_OPTIMIZER] is not None:
+            _leaf_kinds(name, structure[_OPTIMIZER], _OPTIMIZER, kinds)
+        tensors = {key for key, kind in kinds.items() if kind == "array"}
+        wanted_scalars = {key for key, kind in kinds.items() if kind in _SCALAR_KINDS}
+        missing, extra = sorted(tensors - set(entries)), sorted(set(entries) - tensors)
+        if missing:
+            raise ValueError(f"checkpoint {name} is missing tensors {_listing(missing)}; the file is incomplete "
+                             f"or damaged")
+        if extra:
+            raise ValueError(f"checkpoint {name} has unexpected tensors {_listing(extra)}, not in its structure")
+        if set(scalars) != wanted_scalars:
+            raise ValueError(f"checkpoint {name}: its scalars {_listing(sorted(scalars))} do not match the "
+                             f"structure's {_listing(sorted(wanted_scalars))}")
+        _check_tensor_sizes(name, entries, stored_config)
+        found.update(config=stored_config, metadata=metadata, structure=structure, scalars=scalars, kinds=kinds)
+
     try:
-        check_params(host_params, stored_config)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"checkpoint {name}: {error}") from None
+        arrays, dtypes, _ = read_safetensors(name, validate=validate)
+    except OSError as error:
+        raise _unreadable(name, f"cannot read it: {error}") from None
+    except ValueError as error:
+        text = str(error)
+        if text.startswith(f"checkpoint {name}") or text.startswith(name):
+            raise
+        raise _unreadable(name, text) from None
+    for key, value in found["scalars"].items():
+        arrays[key] = _scalar_array(name, key, found["kinds"][key], value)
+    widened = {key for key, dtype in dtypes.items() if dtype == "bfloat16"}
+    return found["config"], found["metadata"], found["structure"], arrays, widened
 
-    def place(host: np.ndarray):
-        cast = dtype if dtype is not None and host.dtype.kind in "fc" else None
-        return target.from_numpy(host, dtype=cast)
 
-    params = _rebuild(name, structure[_PARAMS], _PARAMS, arrays, place)
-    optimizer_state = (
-        None if structure[_OPTIMIZER] is None else _rebuild(name, structure[_OPTIMIZER], _OPTIMIZER, arrays, place)
-    )
-    return Checkpoint(params=params, config=stored_config, optimizer_state=optimizer_state, metadata=metadata)
+def _scalar_array(name: str, key: str, kind: str, value: Any) -> np.ndarray:
+    """The 0-d array ``_rebuild`` expects for a scalar stored as JSON in the header."""
+    if kind == "bool" and isinstance(value, bool):
+        return np.asarray(value, dtype=np.bool_)
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return np.asarray(value, dtype=np.int64)
+    if kind == "float":
+        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+            return np.asarray(float(value), dtype=np.float64)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return np.asarray(float(value), dtype=np.float64)
+    raise ValueError(f"checkpoint {name}: scalar {key} should be a {kind}, got {value!r}")
+
+
+_ST_FLOAT_TAGS = ("F16", "BF16", "F32", "F64")
+
+
+def _check_tensor_sizes(name: str, entries: dict, config: ReformerConfig) -> None:
+    """The header's shapes and dtypes against ``param_shapes(config)`` and the optimizer bounds."""
+    from .._model.lm import param_shapes
+    from .._tree import is_shape, tree_paths
+
+    shapes = {_join(_PARAMS, path): tuple(shape) for path, shape in tree_paths(param_shapes(config), is_leaf=is_shape)}
+    total_elements = sum(math.prod(shape) for shape in shapes.values())
+    optimizer_leaf = _OPTIMIZER_LEAF_BYTES_PER_PARAM * total_elements
+    optimizer_total = _OPTIMIZER_TOTAL_FACTOR * optimizer_leaf
+    optimizer_sum = 0
+    for key in sorted(entries):
+        tag, shape, begin, end = entries[key]
+        if key.startswith(_PARAMS + "/"):
+            if key not in shapes:
+                raise ValueError(f"checkpoint {name}: {key} is not a parameter of the stored config")
+            if shape != shapes[key]:
+                raise ValueError(
+                    f"checkpoint {name}: parameter {key} has shape {shape} in its header, but the stored config "
+                    f"needs {shapes[key]}; were these params saved with another config?"
+                )
+            if tag not in _ST_FLOAT_TAGS:
+                raise ValueError(f"checkpoint {name}: parameter {key} has dtype {tag}; parameters are floating")
+            continue
+        nbytes = end - begin
+        optimizer_sum += nbytes
+        if nbytes > optimizer_leaf:
+            raise ValueError(
+                f"checkpoint {name}: tensor {key} declares {nbytes} bytes, more than the {optimizer_leaf} an "
+                f"optimizer-state leaf may hold ({_OPTIMIZER_LEAF_BYTES_PER_PARAM} bytes per parameter element, "
+                f"{total_elements} elements); refused before reading it"
+            )
+        if optimizer_sum > optimizer_total:
+            raise ValueError(
+                f"checkpoint {name}: the optimizer-state tensors declare {optimizer_sum} bytes, more than the "
+                f"{optimizer_total} they may hold together; refused before reading them"
+            )
+
+
+def _check_marker(name: str, marker: str) -> None:
+    format_name, _, version = marker.rpartition("/")
+    if format_name != FORMAT_NAME or not version.isdigit():
+        raise ValueError(
+            f"checkpoint {name} has unknown format {marker!r}; expected '{FORMAT_NAME}/{FORMAT_VERSION}'"
+        )
+    if int(version) != FORMAT_VERSION:
+        newer = int(version) > FORMAT_VERSION
+        raise ValueError(
+            f"checkpoint {name} has format version {version}, this reformer-core reads version {FORMAT_VERSION}"
+            + ("; upgrade reformer-core to read it" if newer else "")
+        )
 
 
 def _unreadable(name: str, why: str) -> ValueError:
@@ -365,7 +609,7 @@ def _members(name: str) -> dict[str, _Member]:
     except OSError as error:
         raise _unreadable(name, f"cannot read it: {error}") from None
     if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
-        raise _unreadable(name, "not a .npz (zip) archive")
+        raise _unreadable(name, "not a .npz (zip) archive; a safetensors checkpoint must be named *.safetensors")
     try:
         with zipfile.ZipFile(name) as archive:
             infos = archive.infolist()
@@ -535,18 +779,7 @@ def _check_format(name: str, arrays: dict) -> None:
             f"{name} has no {_FORMAT_KEY} entry: it is an .npz file, but not a reformer-core checkpoint "
             f"(write checkpoints with reformer_core.save_checkpoint)"
         )
-    marker = _text_entry(name, arrays, _FORMAT_KEY)
-    format_name, _, version = marker.rpartition("/")
-    if format_name != FORMAT_NAME or not version.isdigit():
-        raise ValueError(
-            f"checkpoint {name} has unknown format {marker!r}; expected '{FORMAT_NAME}/{FORMAT_VERSION}'"
-        )
-    if int(version) != FORMAT_VERSION:
-        newer = int(version) > FORMAT_VERSION
-        raise ValueError(
-            f"checkpoint {name} has format version {version}, this reformer-core reads version {FORMAT_VERSION}"
-            + ("; upgrade reformer-core to read it" if newer else "")
-        )
+    _check_marker(name, _text_entry(name, arrays, _FORMAT_KEY))
 
 
 def _stored_config(name: str, arrays: dict) -> ReformerConfig:
@@ -599,7 +832,7 @@ def _rebuild(name: str, structure: Any, key: str, arrays: dict, place) -> Any:
         return None
     host = arrays[key]
     if structure == "array":
-        return place(host)
+        return place(host, key)
     if host.ndim != 0:
         raise ValueError(f"checkpoint {name}: {key} should be a scalar ({structure}), got shape {host.shape}")
     if structure == "bool":

@@ -400,6 +400,7 @@ def generate(
     eos_token_id: int | None = None,
     seed: int = 0,
     rotations_seed: int = 0,
+    on_token: Any = None,
 ):
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens with a per-layer cache.
 
@@ -432,6 +433,10 @@ def generate(
         seed: the sampling seed; the random numbers are drawn on the host by NumPy, so every
             backend given the same seed samples the same tokens (up to ties in rounding).
         rotations_seed: the LSH rotations' seed, as for :func:`apply`.
+        on_token: for streaming: a callable called once per step, as soon as the step's
+            tokens are chosen (before the next step is computed), with a host int64 NumPy array
+            ``(batch,)`` of the new tokens (finished sequences repeat ``eos_token_id``). Its
+            return value is ignored; an exception it raises stops the generation and propagates.
 
     Returns:
         the prompt followed by the new tokens, on the prompt's backend and in its dtype:
@@ -451,6 +456,9 @@ def generate(
     xp = namespace(prompt, table)
     check_same_device({"prompt": prompt, "params": table})
     _check_options(config, temperature, top_k, top_p, eos_token_id, seed, rotations_seed, max_new_tokens)
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token must be a callable taking the new tokens (a (batch,) int64 NumPy array) or None, "
+                        f"got {type(on_token).__name__}")
     backend = backend_for(table)
     host = np.asarray(backend.to_numpy(prompt))
     batch, length = _check_prompt(xp, prompt, config, max_new_tokens, host)
@@ -473,6 +481,8 @@ def generate(
             chosen = np.where(finished, eos_token_id, chosen)
             finished |= chosen == eos_token_id
         generated.append(chosen)
+        if on_token is not None:
+            on_token(chosen.copy())
         if step == max_new_tokens - 1 or finished.all():
             break
         token = backend.from_numpy(chosen[:, None].astype(np.int64))
