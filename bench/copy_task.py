@@ -3,14 +3,19 @@ any backend, evaluation with 1-8 hashes and full attention (Table 2), and ``refo
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from reformer_core import Adam, ReformerConfig, apply, init_params, save_checkpoint, value_and_grad, warmup_inverse_sqrt
+from reformer_core import (Adam, ReformerConfig, apply, init_params, load_checkpoint, save_checkpoint, value_and_grad,
+                           warmup_inverse_sqrt)
 from reformer_core._progress import Progress
 from reformer_core._registry import resolve_backend
 
@@ -23,6 +28,9 @@ __all__ = [
     "copy_task_score",
     "evaluate_copy_task",
     "train_copy_task",
+    "TrainingState",
+    "save_training_checkpoint",
+    "load_training_checkpoint",
     "add_arguments",
     "run",
 ]
@@ -142,31 +150,102 @@ def evaluate_copy_task(params, config: ReformerConfig, backend, *, length: int, 
 
 
 @dataclass
+class TrainingState:
+    """Where a run stands after ``step`` optimiser steps: enough to continue it exactly."""
+
+    params: Any
+    optimizer_state: Any  # Adam's {"step", "m", "v"}
+    step: int
+    rng_state: dict  # the data generator's bit_generator.state (the next batches)
+
+
+@dataclass
 class TrainingRecord:
     settings: CopyTaskSettings
     curve: list[dict] = field(default_factory=list)  # {"step", "loss", "accuracy"?, "seconds"}
     final: dict = field(default_factory=dict)
     params: Any = None  # the trained parameters
     config: ReformerConfig | None = None
+    state: TrainingState | None = None  # the end of the run, for a checkpoint to resume from
 
 
-def train_copy_task(settings: CopyTaskSettings, backend, *, progress: Callable[[int, float, float], None] | None = None):
+#: settings a resumed run may change (the others define the run and must match the checkpoint)
+RESUMABLE_CHANGES = ("steps", "time_limit", "eval_every", "eval_batches", "eval_hashes")
+
+#: CopyTaskSettings field -> the `reformer-core train` flag that sets it
+SETTING_FLAGS = {"length": "--length", "batch": "--batch", "seed": "--seed", "num_hashes": "--hashes",
+                 "attention": "--attention", "chunk_length": "--chunk-length", "d_model": "--d-model",
+                 "d_ff": "--d-model", "learning_rate": "--learning-rate"}
+
+
+def _settings_dict(settings: CopyTaskSettings) -> dict:
+    return {**vars(settings), "eval_hashes": list(settings.eval_hashes)}
+
+
+def save_training_checkpoint(path, record: "TrainingRecord") -> None:
+    """Parameters, Adam state, step, data-generator state and settings, in one ``.npz`` checkpoint."""
+    state = record.state
+    save_checkpoint(path, state.params, record.config, optimizer_state=state.optimizer_state, metadata={
+        "final": record.final,
+        "train": {"task": "copy", "step": state.step, "rng_state": state.rng_state,
+                  "settings": _settings_dict(record.settings)},
+    })
+
+
+def load_training_checkpoint(path, settings: CopyTaskSettings, backend) -> TrainingState:
+    """The state saved by :func:`save_training_checkpoint`, checked against ``settings``.
+
+    Raises ``ValueError`` (naming the flags) when the checkpoint is not a ``train`` checkpoint or
+    was trained with other settings than those that define the run.
+    """
+    checkpoint = load_checkpoint(path, backend=backend)
+    train = checkpoint.metadata.get("train") if isinstance(checkpoint.metadata, dict) else None
+    if not train or checkpoint.optimizer_state is None:
+        raise ValueError(f"--resume {path}: not a checkpoint of `reformer-core train --checkpoint` "
+                         "(it has no optimizer state and step)")
+    saved = train["settings"]
+    current = _settings_dict(settings)
+    differ = [name for name in saved if name not in RESUMABLE_CHANGES and saved[name] != current.get(name)]
+    if differ:
+        flags = " ".join(dict.fromkeys(f"{SETTING_FLAGS[name]} {saved[name]}" for name in differ if name in SETTING_FLAGS))
+        others = [name for name in differ if name not in SETTING_FLAGS]
+        raise ValueError(f"--resume {path}: the checkpoint was trained with other settings; pass {flags or ''}"
+                         f"{' (and ' + ', '.join(others) + ')' if others else ''} to continue it "
+                         f"(only --steps and --time-limit may change)")
+    if settings.steps <= train["step"]:
+        raise ValueError(f"--resume {path}: the checkpoint is at step {train['step']}; "
+                         f"--steps is the total, so pass --steps above {train['step']}")
+    return TrainingState(checkpoint.params, checkpoint.optimizer_state, int(train["step"]), train["rng_state"])
+
+
+def train_copy_task(settings: CopyTaskSettings, backend, *, progress: Callable[[int, float, float], None] | None = None,
+                    resume: TrainingState | None = None, should_stop: Callable[[], bool] | None = None):
     """Train a 1-layer Reformer on ``0 w 0 w`` and evaluate it with several hash counts.
 
     Rotations are resampled every step (``rotations_seed = step``). Returns a
     :class:`TrainingRecord` with the learning curve and the final metrics (loss, accuracy
-    per evaluation hash count, steps, seconds).
+    per evaluation hash count, steps, seconds), and the state to continue from. With
+    ``resume`` (a :class:`TrainingState`, e.g. from :func:`load_training_checkpoint`) the run
+    continues from that step to ``settings.steps`` with the same batches, rotations and Adam
+    state an uninterrupted run would have had, so its losses are the same (bit for bit on NumPy).
+    ``should_stop()``, asked after every step, ends training early (``reformer-core train`` on Ctrl-C),
+    between steps, so the state stays resumable.
     """
     config = copy_task_config(settings)
-    params = init_params(config, settings.seed, backend=backend, dtype=settings.dtype)
     optimizer = Adam(learning_rate=warmup_inverse_sqrt(settings.learning_rate, settings.warmup_steps))
-    state = optimizer.init(params)
     rng = np.random.default_rng(settings.seed)
+    if resume is None:
+        params = init_params(config, settings.seed, backend=backend, dtype=settings.dtype)
+        state = optimizer.init(params)
+        first = 1
+    else:
+        params, state, first = resume.params, resume.optimizer_state, resume.step + 1
+        rng.bit_generator.state = resume.rng_state
     record = TrainingRecord(settings)
     start = time.perf_counter()
     loss_value = float("nan")
-    step = 0
-    for step in range(1, settings.steps + 1):
+    step = first - 1
+    for step in range(first, settings.steps + 1):
         tokens = copy_task_batch(rng, settings.batch, settings.length, settings.vocab_size)
         targets, weights = copy_task_targets(tokens)
         loss, grads = value_and_grad(
@@ -182,15 +261,19 @@ def train_copy_task(settings: CopyTaskSettings, backend, *, progress: Callable[[
                                                 batch=settings.batch)
         record.curve.append(point)
         if progress is not None:
-            progress(step, loss_value, settings.batch * settings.length * step / max(elapsed, 1e-9))
+            progress(step, loss_value, settings.batch * settings.length * (step - first + 1) / max(elapsed, 1e-9))
         if not math.isfinite(loss_value):
             break
         if settings.time_limit is not None and elapsed > settings.time_limit:
+            break
+        if should_stop is not None and should_stop():
+            record.final["interrupted"] = True
             break
     train_seconds = time.perf_counter() - start
     accuracy = evaluate_copy_task(params, config, backend, length=settings.length, hashes=settings.eval_hashes,
                                   batches=settings.eval_batches, batch=settings.batch)
     record.final = {
+        **record.final,
         "loss": loss_value,
         "accuracy": accuracy,
         "steps": step,
@@ -200,6 +283,7 @@ def train_copy_task(settings: CopyTaskSettings, backend, *, progress: Callable[[
     }
     record.params = params
     record.config = config
+    record.state = TrainingState(params, state, step, rng.bit_generator.state)
     return record
 
 
@@ -234,8 +318,56 @@ def add_arguments(parser) -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop training after this long")
     parser.add_argument("--json", metavar="PATH", help="write final metrics and the learning curve as JSON")
-    parser.add_argument("--checkpoint", metavar="PATH", help="save the trained parameters here (.npz)")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="save the parameters, optimizer state, step and data position here (.npz)")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="continue the run saved by --checkpoint PATH up to --steps (the total), exactly as "
+                             "if it had not stopped; the other flags must be those it was trained with")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _check_length(settings: CopyTaskSettings) -> None:
+    """``--length`` against the task and ``--chunk-length``, naming the nearest lengths that work."""
+    length, chunk = settings.length, settings.chunk_length
+    if chunk < 1:
+        raise ValueError(f"--chunk-length must be positive, got {chunk}")
+
+    def works(n: int) -> bool:
+        return n >= 4 and n % 2 == 0 and (n <= chunk or n % chunk == 0)
+
+    if works(length):
+        return
+    below = next((n for n in range(length - 1, 3, -1) if works(n)), None)
+    above = next(n for n in range(max(length + 1, 4), length + 2 * chunk + 5) if works(n))
+    near = " or ".join(f"--length {n}" for n in (below, above) if n is not None)
+    tail = f", or a --chunk-length that divides {length}" if length > chunk and length % 2 == 0 else ""
+    raise ValueError(f"--length {length} does not work with --chunk-length {chunk}: the duplication task needs an "
+                     f"even length >= 4, and a length above the chunk length must be a multiple of it; "
+                     f"pass {near}{tail}")
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(checkpoint):
+    """The first Ctrl-C asks training to stop after the current step (then evaluate and save);
+    a second one interrupts at once. Yields a function telling whether a stop was asked."""
+    requested = []
+
+    def on_interrupt(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        then = f", save {checkpoint}" if checkpoint else ""
+        print(f"\nreformer-core train: stopping after this step (then evaluating{then}); Ctrl-C again aborts",
+              file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(args, argv=None) -> int:
@@ -251,15 +383,20 @@ def run(args, argv=None) -> int:
             attention=args.attention, chunk_length=args.chunk_length, d_model=args.d_model, d_ff=args.d_model,
             learning_rate=args.learning_rate, time_limit=args.time_limit,
         )
+        _check_length(settings)
         copy_task_config(settings).validate_length(settings.length)
-        if settings.length % 2 or settings.length < 4:
-            raise ValueError(f"--length must be even and >= 4, got {settings.length}")
+        resume = load_training_checkpoint(args.resume, settings, backend) if args.resume else None
     except (ValueError, TypeError) as error:
         print(f"reformer-core train: error: {error}", file=sys.stderr)
         return 2
-    with Progress(settings.steps, label="train", enabled=not args.no_progress) as bar:
+    first = resume.step if resume else 0
+    if resume:
+        print(f"resuming {args.resume} at step {first} of {settings.steps}", file=sys.stderr)
+    with Progress(settings.steps - first, label="train", enabled=not args.no_progress) as bar, \
+            _stop_on_interrupt(args.checkpoint) as stop_requested:
         record = train_copy_task(
-            settings, backend, progress=lambda step, loss, rate: bar.step(f"loss {loss:.4f}, {rate:,.0f} tokens/s"))
+            settings, backend, resume=resume, should_stop=stop_requested,
+            progress=lambda step, loss, rate: bar.step(f"step {step}: loss {loss:.4f}, {rate:,.0f} tokens/s"))
     print(format_training_report(record))
     if args.json:
         report = {"schema": "reformer-core-train/1", "settings": {**vars(settings), "eval_hashes": list(settings.eval_hashes)},
@@ -269,5 +406,5 @@ def run(args, argv=None) -> int:
             json.dump(report, handle, indent=2)
             handle.write("\n")
     if args.checkpoint:
-        save_checkpoint(args.checkpoint, record.params, record.config, metadata={"final": record.final})
+        save_training_checkpoint(args.checkpoint, record)
     return 0 if math.isfinite(record.final["loss"]) else 1

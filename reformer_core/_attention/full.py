@@ -37,10 +37,12 @@ def full_attention(
     the whole sequence.
 
     Args:
-        qk, v: ``(batch, heads, length, head_dim)``, one floating dtype, one device.
+        qk: shared queries/keys ``(batch, heads, length, head_dim)``, one floating dtype, one device.
+        v: values, shaped and typed like ``qk``.
         causal: mask keys after the query.
         attention_mask: optional ``(batch, length)`` bool/int, True/1 for real tokens.
-        dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask
+        dropout_rate: attention dropout rate, with ``dropout_keep``.
+        dropout_keep: the explicit bool keep mask of that dropout,
             ``(batch, heads, length, length)`` (a rate without a mask raises ValueError).
         check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).
 

@@ -41,7 +41,9 @@ def random_rotations(
 
     Args:
         seed: an int or tuple of ints for ``numpy.random.default_rng``.
-        num_heads, head_dim, num_hashes: the rotation shape's leading sizes.
+        num_heads: the rotation shape's first size.
+        head_dim: its second size.
+        num_hashes: its third size (hash rounds).
         num_buckets: an even int, or a tuple of even factors (factorised hashing).
         like: an array whose backend, device and dtype the rotations take.
         backend: a backend object or name such as ``"strict:device1"`` (default:

@@ -36,10 +36,13 @@ def local_attention(
     ``length <= chunk_length`` every query sees every key.
 
     Args:
-        q, k, v: ``(batch, heads, length, head_dim)``; ``length`` a multiple of
+        q: queries ``(batch, heads, length, head_dim)``; ``length`` a multiple of
             ``chunk_length`` when longer than it.
+        k: keys, shaped like ``q``.
+        v: values, shaped like ``q``.
         attention_mask: optional ``(batch, length)`` bool/int, True/1 for real tokens.
-        dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask of
+        dropout_rate: attention dropout rate, with ``dropout_keep``.
+        dropout_keep: the explicit bool keep mask of that dropout, of
             the logits' shape ``(batch, heads, num_chunks, chunk_length, window)`` (a rate
             without a mask raises ValueError).
         check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).

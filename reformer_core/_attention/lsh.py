@@ -59,14 +59,16 @@ def lsh_attention(
     :func:`full_attention`.
 
     Args:
-        qk, v: ``(batch, heads, length, head_dim)``; ``length`` a multiple of
+        qk: shared queries/keys ``(batch, heads, length, head_dim)``; ``length`` a multiple of
             ``chunk_length`` when longer than it.
+        v: values, shaped like ``qk``.
         rotations: ``(heads, head_dim, num_hashes, rotation_size // 2)`` from
             :func:`random_rotations`, same dtype and device as ``qk``.
         num_buckets: an even int or a tuple of even factors.
         attention_mask: optional ``(batch, length)`` bool/int, True/1 for real tokens;
             padding hashes to an extra bucket that sorts last in each round.
-        dropout_rate, dropout_keep: attention dropout with an explicit bool keep mask
+        dropout_rate: attention dropout rate, with ``dropout_keep``.
+        dropout_keep: the explicit bool keep mask of that dropout,
             ``(batch, heads, num_hashes * length // chunk_length, chunk_length, window)`` (a rate without a mask raises ValueError).
         check_finite: raise ValueError if an input holds NaN or inf (costs a device sync).
 

@@ -33,7 +33,9 @@ class Adam:
 
     Args:
         learning_rate: a float, or a function of the (1-based) step.
-        beta1, beta2, eps: the usual moments and denominator guard.
+        beta1: decay of the first-moment average.
+        beta2: decay of the second-moment average.
+        eps: the denominator guard.
         weight_decay: decoupled decay, applied as ``p -= lr * weight_decay * p``.
     """
 

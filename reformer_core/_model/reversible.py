@@ -69,7 +69,10 @@ def reversible_backward(layers: Sequence[ReversibleLayer], y1: Any, y2: Any, d_y
 
     Args:
         layers: the stack, as run forward.
-        y1, y2: its outputs; d_y1, d_y2: their cotangents.
+        y1: its first output.
+        y2: its second output.
+        d_y1: the cotangent of ``y1``.
+        d_y2: the cotangent of ``y2``.
         vjp: ``vjp(fn, params, x) -> (fn(params, x), pullback)`` with
             ``pullback(d_out) -> (d_params, d_x)``: the backend's differentiation.
 

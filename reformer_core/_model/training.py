@@ -51,7 +51,13 @@ def value_and_grad(
     with the same rotations and dropout masks in the forward and the backward.
 
     Args:
-        params, tokens, config, rotations_seed, rotations, attention_mask, dropout_seed,
+        params: as for :func:`apply`.
+        tokens: as for :func:`apply`.
+        config: as for :func:`apply`.
+        rotations_seed: as for :func:`apply`.
+        rotations: as for :func:`apply`.
+        attention_mask: as for :func:`apply`.
+        dropout_seed: as for :func:`apply`.
         check_values: as for :func:`apply`.
         targets: int ``(batch, length)``.
         weights: optional ``(batch, length)`` loss weights (e.g. 1 on the scored half).
