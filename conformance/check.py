@@ -20,23 +20,54 @@ from .assertions import RESULTS_ENV
 __all__ = ["run_suite", "summarise", "format_table"]
 
 
-def run_suite(backends: str | None = None, max_examples: int | None = None, extra_args=(), quiet: bool = True):
-    """Run the suite; returns ``(pytest exit code, rows)`` with one row per comparison."""
+def run_suite(backends: str | None = None, max_examples: int | None = None, extra_args=(), quiet: bool = True,
+              progress: bool = False):
+    """Run the suite; returns ``(completed pytest process, rows)`` with one row per comparison.
+
+    With ``progress``, the tests are counted first and each finished test is shown on stderr
+    (throttled when stderr is not a terminal), as the run can take minutes.
+    """
     with tempfile.TemporaryDirectory() as folder:
         results = os.path.join(folder, "results.jsonl")
         command = [sys.executable, "-m", "pytest", "--pyargs", "reformer_core.conformance", "-p", "no:cacheprovider",
-                   "-q" if quiet else "-v", "--tb=line", *extra_args]
+                   "--tb=line", *extra_args]
         if backends:
             command += ["--backends", backends]
         if max_examples:
             command += ["--max-examples", str(max_examples)]
         env = {**os.environ, RESULTS_ENV: results}
-        completed = subprocess.run(command, env=env, text=True, capture_output=True)
+        if progress:
+            completed = _run_with_progress(command, env)
+        else:
+            completed = subprocess.run([*command, "-q" if quiet else "-v"], env=env, text=True, capture_output=True)
         rows = []
         if os.path.exists(results):
             with open(results, encoding="utf-8") as handle:
                 rows = [json.loads(line) for line in handle if line.strip()]
     return completed, rows
+
+
+_OUTCOMES = (" PASSED", " FAILED", " SKIPPED", " ERROR", " XFAIL", " XPASS")
+
+
+def _run_with_progress(command: list, env: dict) -> subprocess.CompletedProcess:
+    """``pytest -v`` with its per-test lines counted on a progress display."""
+    from reformer_core._progress import Progress
+
+    collected = subprocess.run([*command, "--collect-only", "-q"], env=env, text=True, capture_output=True)
+    total = sum(1 for line in collected.stdout.splitlines() if "::" in line)
+    lines = []
+    with Progress(total, label="check") as shown:
+        with subprocess.Popen([*command, "-v"], env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as process:
+            for line in process.stdout:
+                lines.append(line)
+                if "::" in line and any(outcome in line for outcome in _OUTCOMES):
+                    test = line.split(" ", 1)[0].rsplit("/", 1)[-1]
+                    outcome = next(o for o in _OUTCOMES if o in line).strip().lower()
+                    shown.step(f"{test} {outcome}")
+            stderr = process.stderr.read()
+    return subprocess.CompletedProcess(process.args, process.returncode, "".join(lines), stderr)
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for error in errors:
             print(f"reformer-core check: error: {error}", file=sys.stderr)
         return 2
-    completed, rows = run_suite(args.backends, args.max_examples, extra_args=("-rs",))
+    completed, rows = run_suite(args.backends, args.max_examples, extra_args=("-rs",), progress=True)
     summary = summarise(rows)
     print(format_table(summary) if summary else "no comparisons ran: every selected target was skipped")
     skipped = [line for line in completed.stdout.splitlines() if "SKIPPED" in line or "skipped" in line]

@@ -108,3 +108,13 @@ def test_ctrl_c_stops_between_steps_and_the_checkpoint_resumes_exactly(tmp_path)
     rest = train(tmp_path, "rest", "--steps", steps, "--resume", str(tmp_path / "first.npz"))
     whole = train(tmp_path, "whole", "--steps", steps)
     assert [p["loss"] for p in first["curve"]] + rest == whole
+
+
+def test_check_shows_progress_per_test_while_it_runs(capsys):
+    assert cli.main(["check", "--backends", "numpy", "--max-examples", "1"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("check [")]
+    assert lines and "test_" in lines[0] and lines[-1].endswith("done"), captured.err
+    total = int(lines[-1].split("/", 1)[1].split()[0])
+    assert total >= 10 and f"[{total}/{total}" in lines[-1]  # counted before the run, every test seen
+    assert "numpy" in captured.out and "pass" in captured.out
