@@ -163,9 +163,15 @@ def keep_mask(xp, attention_mask: Any, batch: int, length: int):
     )
 
 
+def zero_of(xp, x: Any):
+    """A 0-d zero of ``x``'s dtype on its device: ``where(c, zero_of(xp, x), x)`` broadcasts
+    it instead of allocating (and page-faulting) a full ``zeros_like``."""
+    return xp.asarray(0, dtype=x.dtype, device=device_of(x))
+
+
 def dropout(xp, x: Any, keep: Any, rate: float):
     """Inverted dropout with an explicit bool ``keep`` mask (None: identity). Linear, so it is
     also its own vector-Jacobian product."""
     if keep is None or rate == 0.0:
         return x
-    return xp.where(keep, x * (1.0 / (1.0 - rate)), xp.zeros_like(x))
+    return xp.where(keep, x * (1.0 / (1.0 - rate)), zero_of(xp, x))

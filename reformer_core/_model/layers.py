@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .._arrays import dropout
+from .._arrays import dropout, zero_of
 
 __all__ = [
     "dense",
@@ -92,7 +92,7 @@ def activation(xp, name: str, x: Any):
     if name == "relu":
         # Not maximum(x, 0): autodiff frameworks split maximum's gradient 0.5/0.5 at x == 0
         # (which low precision hits), while the rule below passes none there. NaN still propagates.
-        return xp.where(x <= 0, xp.zeros_like(x), x)
+        return xp.where(x <= 0, zero_of(xp, x), x)
     if name == "gelu_tanh":
         return 0.5 * x * (1.0 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
     if name == "silu":
@@ -103,7 +103,7 @@ def activation(xp, name: str, x: Any):
 def activation_backward(xp, name: str, x: Any, d_out: Any):
     """``d_out * activation'(x)``."""
     if name == "relu":
-        return xp.where(x > 0, d_out, xp.zeros_like(d_out))
+        return xp.where(x > 0, d_out, zero_of(xp, d_out))
     if name == "gelu_tanh":
         t = xp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
         slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
