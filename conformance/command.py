@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from reformer_core.cli import write_json
@@ -32,6 +33,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     ``--backends torch:cuda`` without a GPU). A target that cannot run here beside others
     that can is skipped, and the reason printed.
     """
+    missing = [name for name in ("pytest", "hypothesis") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"reformer-core check: error: the conformance suite needs {' and '.join(missing)}, which "
+              f"{'is' if len(missing) == 1 else 'are'} not installed; pip install 'reformer-core[test]'",
+              file=sys.stderr)
+        return 2
     errors = spec_errors(parse_specs(args.backends))
     if errors:
         for error in errors:

@@ -118,3 +118,13 @@ def test_check_shows_progress_per_test_while_it_runs(capsys):
     total = int(lines[-1].split("/", 1)[1].split()[0])
     assert total >= 10 and f"[{total}/{total}" in lines[-1]  # counted before the run, every test seen
     assert "numpy" in captured.out and "pass" in captured.out
+
+
+def test_check_without_the_test_extra_names_it(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hypothesis" else real(name, *a))
+    assert cli.main(["check", "--backends", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert "hypothesis" in err and "reformer-core[test]" in err
