@@ -156,6 +156,19 @@ class Backend:
         where ``native_lsh_attention``."""
         raise NotImplementedError("this backend has no native LSH attention kernel")
 
+    # ---- HF interoperability (the torch adapter implements these; the core calls them by name) ----
+    @staticmethod
+    def read_torch_state_dict(path: Any) -> tuple[dict, dict]:
+        """``(NumPy arrays, stored dtype names)`` of a ``pytorch_model.bin`` state dict, read
+        without unpickling anything but tensors. Only the torch adapter."""
+        raise NotImplementedError("only the torch backend reads torch state dicts")
+
+    @staticmethod
+    def hash_seed_normal(shape: tuple, seed: int, dtype_name: str) -> Any:
+        """float64 NumPy draws of torch's seeded CPU ``randn`` in ``dtype_name`` (HF's
+        ``hash_seed`` rotations). Only the torch adapter."""
+        raise NotImplementedError("only the torch backend draws torch's random numbers")
+
     # ---- memory (for ``reformer-core bench``) ----
     def peak_device_memory(self, fn: Callable[[], Any]) -> int:
         """Peak device bytes allocated during ``fn()`` above what was allocated before, read

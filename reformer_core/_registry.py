@@ -63,6 +63,18 @@ def adapter_class(name: str) -> type:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_adapters())}") from None
 
 
+def framework_call(name: str, method: str, *args: Any, needed_for: str, instead: str) -> Any:
+    """``adapter_class(name).method(*args)``: how the core reaches a framework-only feature
+    (the core never imports a framework). When the framework is missing, ImportError saying
+    what ``needed_for`` it, how to install it, and what to do ``instead``."""
+    cls = adapter_class(name)
+    try:
+        return getattr(cls, method)(*args)
+    except ImportError:
+        raise ImportError(f"{needed_for} needs {cls.framework}: install {cls.framework} ({install_hint(name)}), "
+                          f"or {instead}") from None
+
+
 def install_hint(name: str) -> str:
     """The command that installs backend ``name``'s framework."""
     cls = adapter_class(name)

@@ -20,6 +20,7 @@ import pytest
 
 import reformer_core as rc
 from reformer_core._io import hf as hf_io
+from reformer_core._io import safetensors as st_io
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_TRANSFORMERS = HAS_TORCH and importlib.util.find_spec("transformers") is not None
@@ -289,8 +290,8 @@ def test_hf_to_reformer_core_to_hf_changes_no_weight(tmp_path, dtype):
         assert before[key].dtype == after[key].dtype, key
         assert torch.equal(before[key], after[key]), key
     # and the files' tensors are bit-identical too
-    ours, ours_dtypes, _ = hf_io.read_safetensors(tmp_path / "rc" / "model.safetensors")
-    theirs, theirs_dtypes, _ = hf_io.read_safetensors(tmp_path / "hf" / "model.safetensors")
+    ours, ours_dtypes, _ = st_io.read_safetensors(tmp_path / "rc" / "model.safetensors")
+    theirs, theirs_dtypes, _ = st_io.read_safetensors(tmp_path / "hf" / "model.safetensors")
     assert ours_dtypes == theirs_dtypes
     for key in theirs:
         assert ours[key].tobytes() == theirs[key].tobytes(), key
@@ -337,7 +338,7 @@ def _write_folder(folder, config: dict, weights: dict | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     if weights is not None:
-        hf_io.write_safetensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
+        st_io.write_safetensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
     return folder
 
 
@@ -487,13 +488,13 @@ def test_safetensors_writer_and_reader_round_trip(tmp_path):
     arrays = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5).astype(np.float32),
               "c": rng.standard_normal((2, 2)).astype(np.float16),
               "d": (rng.standard_normal(6).astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)}
-    hf_io.write_safetensors(tmp_path / "x.safetensors", arrays, dtypes={"d": "bfloat16"}, metadata={"format": "pt"})
-    back, dtypes, metadata = hf_io.read_safetensors(tmp_path / "x.safetensors")
+    st_io.write_safetensors(tmp_path / "x.safetensors", arrays, dtypes={"d": "bfloat16"}, metadata={"format": "pt"})
+    back, dtypes, metadata = st_io.read_safetensors(tmp_path / "x.safetensors")
     assert dtypes == {"a": "float64", "b": "float32", "c": "float16", "d": "bfloat16"} and metadata == {"format": "pt"}
     for key in arrays:
         np.testing.assert_array_equal(back[key], arrays[key])
     with pytest.raises(ValueError, match="not bfloat16 numbers"):
-        hf_io.write_safetensors(tmp_path / "y.safetensors", {"d": np.full(2, math.pi, np.float32)},
+        st_io.write_safetensors(tmp_path / "y.safetensors", {"d": np.full(2, math.pi, np.float32)},
                                 dtypes={"d": "bfloat16"})
 
 

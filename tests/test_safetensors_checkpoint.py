@@ -12,7 +12,7 @@ import pytest
 
 import reformer_core as rc
 from reformer_core import tree_paths
-from reformer_core._io import hf as hf_io
+from reformer_core._io import safetensors as st_io
 
 pytestmark = pytest.mark.usefixtures("restore_backend")
 
@@ -146,7 +146,7 @@ def saved(tmp_path):
 @pytest.fixture
 def no_data_read():
     """Fail the test if read_safetensors reaches the data (np.fromfile)."""
-    with mock.patch.object(hf_io.np, "fromfile", side_effect=AssertionError("data was read")) as patched:
+    with mock.patch.object(st_io.np, "fromfile", side_effect=AssertionError("data was read")) as patched:
         yield patched
 
 
@@ -200,7 +200,7 @@ def test_wrong_shapes_against_the_config_are_refused(saved):
     header, data = header_of(saved)
     header["__metadata__"]["config"] = json.dumps(CONFIG.replace(d_ff=48).to_dict())  # needs other shapes
     write_raw(saved, header, data)
-    with mock.patch.object(hf_io.np, "fromfile", side_effect=AssertionError("data was read")):
+    with mock.patch.object(st_io.np, "fromfile", side_effect=AssertionError("data was read")):
         with pytest.raises(ValueError, match="has shape .* but the stored config needs"):
             rc.load_checkpoint(saved)
 
@@ -265,6 +265,6 @@ def test_optimizer_state_beyond_its_bound_is_refused_before_reading(tmp_path):
     elements = sum(int(np.asarray(leaf).size) for _, leaf in tree_paths(params))
     path = tmp_path / "big.safetensors"
     rc.save_checkpoint(path, params, CONFIG, optimizer_state={"big": np.zeros(4 * elements + 1, np.float32)})
-    with mock.patch.object(hf_io.np, "fromfile", side_effect=AssertionError("data was read")):
+    with mock.patch.object(st_io.np, "fromfile", side_effect=AssertionError("data was read")):
         with pytest.raises(ValueError, match="optimizer-state leaf may hold"):
             rc.load_checkpoint(path)

@@ -174,6 +174,18 @@ class TorchBackend(Backend):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     @staticmethod
+    def read_torch_state_dict(path):
+        from .hf_io import read_state_dict
+
+        return read_state_dict(path)
+
+    @staticmethod
+    def hash_seed_normal(shape, seed, dtype_name):
+        from .hf_io import hash_seed_normal
+
+        return hash_seed_normal(shape, seed, dtype_name)
+
+    @staticmethod
     def lsh_chunk_attention(qk, v, perm, undo, **kwargs):
         # CUDA float16/bfloat16/float32 tensors with Triton installed: the Triton kernels
         # (triton_lsh.py); everything else, float64 on CUDA included: the torch-op kernel.

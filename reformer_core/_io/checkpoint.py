@@ -26,7 +26,7 @@ trusted to size the model: a config that implies a huge model makes its (real) p
 that large.
 
 ``.safetensors`` layout (the format of the ``safetensors`` package, read and written by
-``reformer_core._io.hf``'s own parser): one tensor per array leaf, named by the same paths
+``reformer_core._io.safetensors``, the project's own parser): one tensor per array leaf, named by the same paths
 (``params/layers/0/attention/qk``, ``optimizer/m/...``), in its dtype (bfloat16 included, bit
 for bit); the header's ``__metadata__`` (string values only) holds ``format: "pt"``,
 ``reformer_core: "reformer-core-checkpoint/1"`` and, as JSON text, ``config``, ``metadata``,
@@ -245,7 +245,7 @@ _ST_MARKER = "reformer_core"
 
 
 def _save_safetensors(path: str, params: dict, config: ReformerConfig, optimizer_state: Any, metadata_text: str):
-    from .hf import write_safetensors_to
+    from .safetensors import write_safetensors_to
 
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
@@ -447,7 +447,7 @@ def _load_safetensors(name: str, config: ReformerConfig | None):
     """``(config, metadata, structure, host arrays by key, bfloat16 keys)`` of a
     ``.safetensors`` checkpoint. The whole header is checked (by the ``validate`` hook of
     ``read_safetensors``) before any tensor data is read."""
-    from .hf import read_safetensors
+    from .safetensors import read_safetensors
 
     if not os.path.exists(name):
         raise FileNotFoundError(f"checkpoint file {name} does not exist")
