@@ -4,7 +4,11 @@
 
 * ``command.py``: the ``bench`` command's arguments and how it runs;
 * ``harness.py``: the side-by-side sweep (backends x lengths x attention kinds x passes),
-  including the paper's speed figure (``--speed-figure``);
+  including the paper's speed figure (``--speed-figure``): running and timing the rows;
+* ``settings.py``: what a run measures (``BenchSettings``, the methods) and its budgets;
+* ``targets.py``: backend specs (``+jit``, ``+standard``) and the rows a run plans;
+* ``cases.py``: the calls a row times (attention forward and backward, a training step);
+* ``results.py``: the report's schema, environment block and columns derived from other rows;
 * ``timing.py``: round-robin timing (A B A B), per-row statistics and spread flags, the FLOP
   counting rule and the matmul rate behind GFLOP/s and % of matmul;
 * ``threads.py``: ``--threads`` pinning (threadpoolctl, torch, XLA_FLAGS before JAX starts) and
