@@ -7,8 +7,8 @@ log-sum-exp per row, then ``combine_rounds``), but laid out for speed and memory
 
 * chunks are processed in blocks (one batch x head row, a run of chunks) whose logits stay
   under :data:`BLOCK_BYTES`; each block gathers its query rows and the rows of its window
-  chunks (``num_chunks_before`` back, ``num_chunks_after`` ahead, wrapping) into reused
-  buffers, and every chunk's window is an overlapping ``as_strided`` view of those rows,
+  chunks (``num_chunks_before`` back, ``num_chunks_after`` ahead, wrapping) into buffers
+  reused by every block and kept for the next call (per thread; :func:`release_workspace`), and every chunk's window is an overlapping ``as_strided`` view of those rows,
   never a copy (``bmm`` reads it in place);
 * masks are compared from positions per block and filled in place (a padding key carries
   a position past every query, so one comparison makes the causal and the padding mask);
@@ -29,12 +29,14 @@ masked position never leaks into an output.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from reformer_core._attention.attend import mask_values, shared_qk_keys
 from reformer_core._attention.rounds import combine_rounds, combine_rounds_backward
 
-__all__ = ["lsh_chunk_attention", "BLOCK_BYTES"]
+__all__ = ["lsh_chunk_attention", "release_workspace", "BLOCK_BYTES"]
 
 BLOCK_BYTES = 8 << 20  # logits of one block of chunks (its masks and probabilities are alike)
 
@@ -130,8 +132,9 @@ class _Indices:
 
 
 class _Workspace:
-    """Buffers reused by every block of one call: fresh large tensors cost page faults, which
-    on some machines take longer than the arithmetic that fills them."""
+    """Buffers reused by every block of a call, and by later calls (:func:`_workspace`): fresh
+    large tensors cost page faults, which on some machines (virtual machines, memory under
+    pressure) take longer than the arithmetic that fills them."""
 
     def __init__(self, dtype, device):
         self._buffers: dict = {}
@@ -148,10 +151,33 @@ class _Workspace:
         return buffer[:count].view(shape)
 
 
+_WORKSPACES = threading.local()
+
+
+def _workspace(dtype, device):
+    """This thread's workspace for ``(dtype, device)``, kept between calls (a few blocks' worth
+    of buffers, bounded by :data:`BLOCK_BYTES`; :func:`release_workspace` frees it). While
+    ``torch.compile`` traces, a fresh one (the compiler plans the graph's memory)."""
+    if torch.compiler.is_compiling():
+        return _Workspace(dtype, device)
+    spaces = _WORKSPACES.__dict__.setdefault("spaces", {})
+    key = (dtype, str(device))
+    if key not in spaces:
+        spaces[key] = _Workspace(dtype, device)
+    return spaces[key]
+
+
+def release_workspace() -> None:
+    """Free the buffers this thread's kernel calls keep for their next call."""
+    _WORKSPACES.__dict__.pop("spaces", None)
+
+
 class _Block:
     """One block: chunks ``s:e`` of (batch x head) row ``h``, its rows gathered into buffers."""
 
     def __init__(self, geo, index, block, work, qk, keys, values):
+        """``qk``, ``keys``, ``values``: ``(b, h, L, d)`` in any strides (rows are gathered from
+        the (batch, head) row's ``(L, d)`` view: no contiguous copy of a permuted input)."""
         self.h, self.s, self.e = h, s, e = block
         self.m = e - s
         c, d = geo.c, geo.d
@@ -159,9 +185,12 @@ class _Block:
         self.query_rows = index.flat[h, s * c:e * c]
         self.halo_rows = index.flat_halo[h, s * c:(e + geo.width - 1) * c]
         self.out_rows = index.out_index[h, s * c:e * c]
-        self.q = torch.index_select(qk, 0, self.query_rows, out=work.get("q", (self.m * c, d))).view(self.m, c, d)
-        self.k = torch.index_select(keys, 0, self.halo_rows, out=work.get("k", (self.halo_rows.numel(), d)))
-        self.v = torch.index_select(values, 0, self.halo_rows, out=work.get("v", (self.halo_rows.numel(), d)))
+        b, head = divmod(h, geo.shape[1])
+        query_pos, halo_pos = index.pos[h, s * c:e * c], index.pos_halo[h, s * c:(e + geo.width - 1) * c]
+        q = torch.index_select(qk[b, head], 0, query_pos, out=work.get("q", (self.m * c, d)))
+        self.q = q.view(self.m, c, d)
+        self.k = torch.index_select(keys[b, head], 0, halo_pos, out=work.get("k", (halo_pos.numel(), d)))
+        self.v = torch.index_select(values[b, head], 0, halo_pos, out=work.get("v", (halo_pos.numel(), d)))
 
     def window(self, rows):
         """Overlapping windows ``(m, window_rows, ...)`` of this block's halo rows ``rows``."""
@@ -174,27 +203,36 @@ class _Block:
         part = x[self.h, self.s * self.geo.c:self.e * self.geo.c]
         return part.view(self.m, self.geo.c, *part.shape[1:])
 
-    def add_window_products(self, target, weights, rows):
-        """``target ((m + width - 1) * c, d) += `` the window-shaped product ``weights^T @ rows``
-        (``weights (m, c, window_rows)``, ``rows (m, c, d)``), slot by slot into the halo rows
-        each slot holds: the addition happens inside the matmul (``baddbmm_``), no window-shaped
-        temporary."""
-        c = self.geo.c
+    def window_products(self, target, weights, rows):
+        """Set ``target ((m + width - 1) * c, d)`` to the window-shaped product ``weights^T @ rows``
+        (``weights (m, c, window_rows)``, ``rows (m, c, d)``) summed into the halo rows each slot
+        holds: slot 0 writes its rows, the other slots add inside the matmul (``baddbmm_``), no
+        window-shaped temporary and no zeroing pass but over the last ``width - 1`` chunks."""
+        c, m = self.geo.c, self.m
         for k in range(self.geo.width):
             slot = weights[..., k * c:(k + 1) * c].transpose(-1, -2)
-            target[k * c:(k + self.m) * c].view(self.m, c, -1).baddbmm_(slot, rows)
+            part = target[k * c:(k + m) * c].view(m, c, -1)
+            if k == 0:
+                torch.bmm(slot, rows, out=part)
+                target[m * c:].zero_()
+            else:
+                part.baddbmm_(slot, rows)
         return target
 
 
-def _block_probs(block, index, bias, causal, work, with_top):
-    """Probabilities ``(m, c, window_rows)`` of one block (a workspace buffer) and, with
-    ``with_top``, the row maxima of its masked logits (``lse = top - log(max p)``)."""
+def _block_logits(block, index, bias, work, shift=None):
+    """Masked logits ``(m, c, window_rows)`` of one block (a workspace buffer): ``q k^T (+ bias)``,
+    minus ``shift (m, c, 1)`` when given, causal/padding entries set to the mask value."""
     geo, h = block.geo, block.h
     shape = (block.m, geo.c, geo.window_rows)
-    logits = torch.bmm(block.q, block.window(block.k).transpose(-1, -2), out=work.get("logits", shape))
+    k_windows = block.window(block.k).transpose(-1, -2)
+    if shift is None:
+        logits = torch.bmm(block.q, k_windows, out=work.get("logits", shape))
+    else:  # the shift is added inside the product (baddbmm), not in a pass of its own
+        logits = torch.baddbmm(shift.neg(), block.q, k_windows, out=work.get("logits", shape))
     if bias is not None:
         logits += bias[h, block.s:block.e]
-    mask_value, self_value = mask_values(torch, logits.dtype)
+    mask_value = float("-inf") if shift is not None else mask_values(torch, logits.dtype)[0]
     if index.key_pos is not None:
         key_pos = block.window(index.key_pos[h, block.s * geo.c:(block.e + geo.width - 1) * geo.c])
         if index.pad_only:  # padding only: a key is masked for every query
@@ -203,13 +241,30 @@ def _block_probs(block, index, bias, causal, work, with_top):
             query_pos = block.chunks(index.pos)[..., None]
             logits.masked_fill_(torch.gt(key_pos[:, None, :], query_pos, out=work.get("masked", shape, torch.bool)),
                                 mask_value)
-    _fill_self(logits, block, index, self_value)
-    top = logits.amax(dim=-1, keepdim=True) if with_top else None
-    return torch.ops.aten._softmax.out(logits, -1, False, out=work.get("probs", shape)), top
+    return logits
+
+
+def _block_probs(block, index, bias, work):
+    """Probabilities ``(m, c, window_rows)`` of one block (a workspace buffer) and its rows'
+    log-sum-exp ``(m, c, 1)`` (``top - log(max p)``: exact to rounding, never log of a tiny sum)."""
+    logits = _block_logits(block, index, bias, work)
+    _fill_self(logits, block, index, mask_values(torch, logits.dtype)[1])
+    top = logits.amax(dim=-1, keepdim=True)
+    probs = torch.ops.aten._softmax.out(logits, -1, False, out=work.get("probs", logits.shape))
+    return probs, top - torch.log(probs.amax(dim=-1, keepdim=True))
+
+
+def _recomputed_probs(block, index, bias, work, lse):
+    """The backward's probabilities of one block from the forward's log-sum-exp ``lse (m, c, 1)``:
+    ``exp(logits - lse)`` in one pass (masked entries ``exp(-inf) = 0``), no softmax."""
+    logits = _block_logits(block, index, bias, work, shift=lse)
+    _fill_self(logits, block, index, mask_values(torch, logits.dtype)[1] - lse)
+    return logits.exp_()
 
 
 def _fill_self(x, block, index, value):
-    """Set the entries of ``x (m, c, window_rows)`` where a query meets its own position.
+    """Set the entries of ``x (m, c, window_rows)`` where a query meets its own position to
+    ``value`` (a float, or a per-row tensor ``(m, c, 1)``).
 
     Every query sees itself on the diagonal of its own chunk (a strided view, no mask); another
     copy of its position can only sit in a window chunk of another hashing round, or in its own
@@ -217,11 +272,21 @@ def _fill_self(x, block, index, value):
     """
     geo, h, s = block.geo, block.h, block.s
     c, own = geo.c, geo.before
-    x[..., own * c:(own + 1) * c].diagonal(dim1=-2, dim2=-1).fill_(value)
+    per_row = isinstance(value, torch.Tensor)
+    diagonal = x[..., own * c:(own + 1) * c].diagonal(dim1=-2, dim2=-1)
+    if per_row:
+        diagonal.copy_(value[..., 0])
+    else:
+        diagonal.fill_(value)
     for chunk, k in (pair for pair in geo.cross if s <= pair[0] < block.e):
         query_pos = index.pos[h, chunk * c:(chunk + 1) * c]
         key_pos = index.pos_halo[h, (chunk + k) * c:(chunk + k + 1) * c]
-        x[chunk - s, :, k * c:(k + 1) * c].masked_fill_(key_pos[None, :] == query_pos[:, None], value)
+        same = key_pos[None, :] == query_pos[:, None]
+        part = x[chunk - s, :, k * c:(k + 1) * c]
+        if per_row:
+            part.copy_(torch.where(same, value[chunk - s], part))
+        else:
+            part.masked_fill_(same, value)
 
 
 def _dropped(probs, keep_drop, rate, block, out=None):
@@ -235,10 +300,20 @@ def _dropped(probs, keep_drop, rate, block, out=None):
     return torch.mul(probs, 1.0 / (1.0 - rate), out=out).masked_fill_(drop, 0.0)
 
 
+def _bad_rows(x):
+    """Bool mask ``x.shape[:-1]`` of the rows of ``x`` holding NaN or inf, or None when every
+    entry is finite. The common case costs one reduction (a non-finite sum; a sum that merely
+    overflows takes the exact check too) and no input-sized mask; while ``torch.compile``
+    traces, always the mask (no data-dependent branch)."""
+    if not torch.compiler.is_compiling() and bool(torch.isfinite(x.sum())):
+        return None
+    return torch.isfinite(x).all(dim=-1).logical_not_()
+
+
 def _finite(x):
-    """``(x with its non-finite rows zeroed, bool mask of them)``; ``x (..., d)``."""
-    bad = torch.isfinite(x).all(dim=-1).logical_not_()
-    return x.masked_fill(bad.unsqueeze(-1), 0.0), bad
+    """``(x with its non-finite rows zeroed, bool mask of them or None)``; ``x (..., d)``."""
+    bad = _bad_rows(x)
+    return (x, None) if bad is None else (x.masked_fill(bad.unsqueeze(-1), 0.0), bad)
 
 
 class _SortedChunkAttention(torch.autograd.Function):
@@ -265,22 +340,22 @@ def _forward(ctx, qk, keys, v, perm, key_keep, logit_bias, dropout_keep, rate, c
     index = _Indices(geo, perm, key_keep, causal)
     bias, keep_drop = _per_chunk(logit_bias, geo), _per_chunk(dropout_keep, geo)
     d = geo.d
-    values, bad = _finite(v)
-    flat_qk, flat_keys, flat_values = (x.reshape(-1, d) for x in (qk, keys, values))
-    bad_halo = bad.reshape(-1).to(qk.dtype)[index.flat_halo].unsqueeze(-1)  # (b*h, halo_rows, 1)
+    values, bad = _finite(v)  # bad: None when every value is finite (no bookkeeping then)
+    if bad is not None:
+        bad_halo = bad.reshape(-1).to(qk.dtype)[index.flat_halo].unsqueeze(-1)  # (b*h, halo_rows, 1)
     outs = torch.empty(geo.bh * geo.rows, d, dtype=qk.dtype, device=qk.device)
     lses = torch.empty(geo.bh * geo.rows, dtype=qk.dtype, device=qk.device)
-    work = _Workspace(qk.dtype, qk.device)
+    work = _workspace(qk.dtype, qk.device)
     for spec in geo.blocks:
-        block = _Block(geo, index, spec, work, flat_qk, flat_keys, flat_values)
-        probs, top = _block_probs(block, index, bias, causal, work, with_top=True)
-        lse = (top - torch.log(probs.amax(dim=-1, keepdim=True))).view(-1)
-        lses.index_copy_(0, block.out_rows, lse)
+        block = _Block(geo, index, spec, work, qk, keys, values)
+        probs, lse = _block_probs(block, index, bias, work)
+        lses.index_copy_(0, block.out_rows, lse.view(-1))
         dropped = _dropped(probs, keep_drop, rate, block)
         out = torch.bmm(dropped, block.window(block.v), out=work.get("out", (block.m, geo.c, d)))
-        halo_bad = bad_halo[block.h, block.s * geo.c:(block.e + geo.width - 1) * geo.c]
-        reached = torch.bmm(dropped, block.window(halo_bad), out=work.get("reached", (block.m, geo.c, 1)))
-        out.masked_fill_(reached > 0, float("nan"))
+        if bad is not None:
+            halo_bad = bad_halo[block.h, block.s * geo.c:(block.e + geo.width - 1) * geo.c]
+            reached = torch.bmm(dropped, block.window(halo_bad), out=work.get("reached", (block.m, geo.c, 1)))
+            out.masked_fill_(reached > 0, float("nan"))
         outs.index_copy_(0, block.out_rows, out.view(-1, d))
     batch, heads, length, _ = geo.shape
     outs = outs.view(batch, heads, geo.rounds, length, d)
@@ -299,29 +374,35 @@ def _backward(ctx, d_result):
     # d logits = P * (dP - rowsum(dO * O) + d lse): the shift per row, in per-round order.
     # Rows the forward set to NaN (they met a non-finite value) pass no gradient to their
     # probabilities, as through the core's ``where``.
-    poisoned = torch.isnan(outs).any(dim=-1)
-    d_outs = d_outs.masked_fill(poisoned.unsqueeze(-1), 0.0)
-    shift = (d_outs * outs).sum(dim=-1).masked_fill_(poisoned, 0.0)
+    if bad is None:  # no value was non-finite: no output row is NaN by the forward's doing
+        shift = torch.linalg.vecdot(d_outs, outs)
+    else:
+        poisoned = torch.isnan(outs).any(dim=-1)
+        d_outs = d_outs.masked_fill(poisoned.unsqueeze(-1), 0.0)
+        shift = (d_outs * outs).sum(dim=-1).masked_fill_(poisoned, 0.0)
     if d_lses is not None:
         shift = shift - d_lses
     shift, d_outs = shift.reshape(-1, 1), d_outs.reshape(-1, d)
-    flat_qk, flat_keys, flat_values = (x.reshape(-1, d) for x in (qk, keys, values))
-    bad_keys = torch.isfinite(flat_keys).all(dim=-1).logical_not_()  # (b*h*L,)
+    bad_keys = _bad_rows(keys)
+    if bad_keys is not None:
+        bad_keys = bad_keys.reshape(-1)  # (b*h*L,)
+    flat_lses = lses.reshape(-1)
     # Gradients go straight to the input rows: each block adds its rows with an accumulating
     # index_put_, one block after another (serial, so deterministic, on the CPU; on CUDA as
     # deterministic as torch.use_deterministic_algorithms makes it, and the Triton kernel is
     # the CUDA path). Nothing of size rounds x length is kept.
-    d_qk, d_keys, d_values = (torch.zeros_like(x) for x in (flat_qk, flat_keys, flat_values))
-    work = _Workspace(qk.dtype, qk.device)
+    d_qk, d_keys, d_values = (qk.new_zeros(geo.bh * geo.length, d) for _ in range(3))
+    work = _workspace(qk.dtype, qk.device)
     for spec in geo.blocks:
-        block = _Block(geo, index, spec, work, flat_qk, flat_keys, flat_values)
-        probs, _ = _block_probs(block, index, bias, ctx.causal, work, with_top=False)
+        block = _Block(geo, index, spec, work, qk, keys, values)
+        lse = torch.index_select(flat_lses, 0, block.out_rows, out=work.get("lse", (block.m * geo.c,)))
+        probs = _recomputed_probs(block, index, bias, work, lse.view(block.m, geo.c, 1))
         g = torch.index_select(d_outs, 0, block.out_rows, out=work.get("g", (block.m * geo.c, d)))
         g = g.view(block.m, geo.c, d)
         row_shift = torch.index_select(shift, 0, block.out_rows, out=work.get("shift", (block.m * geo.c, 1)))
         d_halo = work.get("d_halo", (block.halo_rows.numel(), d))
         dropped = _dropped(probs, keep_drop, ctx.rate, block, out=work.get("dropped", probs.shape))
-        block.add_window_products(d_halo.zero_(), dropped, g)
+        block.window_products(d_halo, dropped, g)
         d_values.index_put_((block.halo_rows,), d_halo, accumulate=True)
         d_logits = work.get("d_logits", probs.shape)
         v_windows = block.window(block.v).transpose(-1, -2)
@@ -334,12 +415,14 @@ def _backward(ctx, d_result):
         # carry all the mass) are zeroed explicitly.
         d_logits.mul_(probs)
         _fill_self(d_logits, block, index, 0.0)
-        block.k.masked_fill_(bad_keys[block.halo_rows].unsqueeze(-1), 0.0)  # a masked NaN key must not reach d_q
+        if bad_keys is not None:  # a masked NaN key must not reach d_q
+            block.k.masked_fill_(bad_keys[block.halo_rows].unsqueeze(-1), 0.0)
         d_q = torch.bmm(d_logits, block.window(block.k), out=work.get("d_q", (block.m, geo.c, d)))
         d_qk.index_put_((block.query_rows,), d_q.view(-1, d), accumulate=True)
-        block.add_window_products(d_halo.zero_(), d_logits, block.q)
+        block.window_products(d_halo, d_logits, block.q)
         d_keys.index_put_((block.halo_rows,), d_halo, accumulate=True)
-    d_values.masked_fill_(bad.reshape(-1, 1), 0.0)  # the forward read those rows as zeros
+    if bad is not None:
+        d_values.masked_fill_(bad.reshape(-1, 1), 0.0)  # the forward read those rows as zeros
     shape = geo.shape
     return (d_qk.view(shape), d_keys.view(shape), d_values.view(shape), None, None, None, None, None, None, None,
             None, None)
