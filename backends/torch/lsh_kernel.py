@@ -34,7 +34,7 @@ import threading
 import torch
 
 from reformer_core._attention.attend import mask_values, shared_qk_keys
-from reformer_core._attention.rounds import combine_rounds, combine_rounds_backward
+from reformer_core._attention.rounds import combine_rounds_backward, round_weights
 
 __all__ = ["lsh_chunk_attention", "release_workspace", "BLOCK_BYTES"]
 
@@ -362,27 +362,53 @@ def _forward(ctx, qk, keys, v, perm, key_keep, logit_bias, dropout_keep, rate, c
     lses = lses.view(batch, heads, geo.rounds, length)
     ctx.geo, ctx.rate, ctx.causal, ctx.pad_only = geo, rate, causal, index.pad_only
     ctx.save_for_backward(qk, keys, values, bad, bias, keep_drop, outs, lses, *index.tensors())
-    result = combine_rounds(_xp(), outs, lses)
-    return result.clone() if result._base is outs else result  # one round: never a view of a saved tensor
+    return _combine_rounds(outs, lses)
+
+
+def _combine_rounds(outs, lses):
+    """The core's ``combine_rounds`` without an ``outs``-sized temporary: the weighted rounds
+    are added into the result one after another (a fresh tensor, never a view of ``outs``)."""
+    if outs.shape[2] == 1:
+        return outs[:, :, 0].clone()
+    weights = round_weights(_xp(), lses)[..., None]
+    result = outs[:, :, 0] * weights[:, :, 0]
+    for r in range(1, outs.shape[2]):
+        result.addcmul_(outs[:, :, r], weights[:, :, r])
+    return result
+
+
+def _round_gradients(outs, lses, d_result):
+    """``(weights, shift)`` per (batch x head, round, position) row, both ``(rows, 1)``:
+    ``d_outs = weights * d_result`` (never materialised: each block scales its own rows) and
+    ``shift = rowsum(d_outs * outs) - d_lse``, the backward of ``combine_rounds`` folded into
+    the attention's. ``weights`` is None for one round."""
+    if outs.shape[2] == 1:
+        return None, torch.linalg.vecdot(outs[:, :, 0], d_result).reshape(-1, 1)
+    weights = round_weights(_xp(), lses)
+    d_weights = torch.linalg.vecdot(outs, d_result[:, :, None])  # (b, h, n, L)
+    d_lses = weights * (d_weights - (weights * d_weights).sum(dim=2, keepdim=True))
+    return weights.reshape(-1, 1), (weights * d_weights - d_lses).reshape(-1, 1)
 
 
 def _backward(ctx, d_result):
     geo, d = ctx.geo, ctx.geo.d
     qk, keys, values, bad, bias, keep_drop, outs, lses, *index_tensors = ctx.saved_tensors
     index = _Indices.from_tensors(index_tensors, ctx.pad_only)
-    d_outs, d_lses = combine_rounds_backward(_xp(), outs, lses, d_result.contiguous())
+    d_result = d_result.contiguous()
     # d logits = P * (dP - rowsum(dO * O) + d lse): the shift per row, in per-round order.
-    # Rows the forward set to NaN (they met a non-finite value) pass no gradient to their
-    # probabilities, as through the core's ``where``.
     if bad is None:  # no value was non-finite: no output row is NaN by the forward's doing
-        shift = torch.linalg.vecdot(d_outs, outs)
+        weights, shift = _round_gradients(outs, lses, d_result)
+        d_rows = d_result.reshape(-1, d)  # a block takes its queries' rows, times their round weights
     else:
+        # Rows the forward set to NaN (they met a non-finite value) pass no gradient to their
+        # probabilities, as through the core's ``where``.
+        d_outs, d_lses = combine_rounds_backward(_xp(), outs, lses, d_result)
         poisoned = torch.isnan(outs).any(dim=-1)
         d_outs = d_outs.masked_fill(poisoned.unsqueeze(-1), 0.0)
         shift = (d_outs * outs).sum(dim=-1).masked_fill_(poisoned, 0.0)
-    if d_lses is not None:
-        shift = shift - d_lses
-    shift, d_outs = shift.reshape(-1, 1), d_outs.reshape(-1, d)
+        if d_lses is not None:
+            shift = shift - d_lses
+        weights, shift, d_rows = None, shift.reshape(-1, 1), d_outs.reshape(-1, d)
     bad_keys = _bad_rows(keys)
     if bad_keys is not None:
         bad_keys = bad_keys.reshape(-1)  # (b*h*L,)
@@ -397,7 +423,13 @@ def _backward(ctx, d_result):
         block = _Block(geo, index, spec, work, qk, keys, values)
         lse = torch.index_select(flat_lses, 0, block.out_rows, out=work.get("lse", (block.m * geo.c,)))
         probs = _recomputed_probs(block, index, bias, work, lse.view(block.m, geo.c, 1))
-        g = torch.index_select(d_outs, 0, block.out_rows, out=work.get("g", (block.m * geo.c, d)))
+        g_buffer = work.get("g", (block.m * geo.c, d))
+        if bad is None:
+            g = torch.index_select(d_rows, 0, block.query_rows, out=g_buffer)
+            if weights is not None:
+                g.mul_(torch.index_select(weights, 0, block.out_rows, out=work.get("w", (block.m * geo.c, 1))))
+        else:
+            g = torch.index_select(d_rows, 0, block.out_rows, out=g_buffer)
         g = g.view(block.m, geo.c, d)
         row_shift = torch.index_select(shift, 0, block.out_rows, out=work.get("shift", (block.m * geo.c, 1)))
         d_halo = work.get("d_halo", (block.halo_rows.numel(), d))
