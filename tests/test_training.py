@@ -124,10 +124,11 @@ def test_bench_memory_mode(tmp_path, capsys):
         assert set(rows) == {(mode, depth) for mode in ("reversible", "stored") for depth in (2, 6)}
         stored_growth = rows[("stored", 6)] - rows[("stored", 2)]
         reversible_growth = rows[("reversible", 6)] - rows[("reversible", 2)]
+        # Storing activations grows with depth, reversible layers do not. The lean LSH pullback keeps
+        # little per layer, so the stored growth is modest on numpy (measured 6/2 layers: 1.35x; the
+        # standard path 1.95x); torch on the CPU is sampled RSS over a large fixed base (1.9x).
+        assert stored_growth > 4 * max(reversible_growth, 0), backend
+        assert rows[("stored", 6)] > 1.2 * rows[("stored", 2)], backend
         if backend != "torch":
-            assert rows[("stored", 6)] > 1.8 * rows[("stored", 2)], backend
             assert rows[("reversible", 6)] <= 1.05 * rows[("reversible", 2)], backend
-        else:  # torch on the CPU is sampled RSS over a large fixed base (measured: stored 6/2 = 1.9x)
-            assert rows[("stored", 6)] > 1.4 * rows[("stored", 2)], backend
-            assert stored_growth > 4 * max(reversible_growth, 0), backend
     assert "storing activations" in capsys.readouterr().out

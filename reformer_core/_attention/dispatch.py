@@ -5,7 +5,11 @@ A backend that declares ``native_lsh_attention`` gets the step after hashing and
 through ``Backend.lsh_chunk_attention``; every other backend, and every call inside
 :func:`standard_path`, runs the standard Array-API code, the reference the kernels are tested
 against. Hashing, sorting, validation and the hand-written VJPs (``lsh_attention_vjp``) are
-always the core's.
+always the core's. The hand-written VJP of LSH attention (NumPy, array-api-strict and CuPy
+training; any backend calling ``lsh_attention_vjp``) runs the core's memory-lean recompute
+path, ``lean.py``: blocks of chunks gathered by index, probabilities recomputed block by block
+in the pullback, O(length) memory; inside :func:`standard_path` it runs the standard code,
+which keeps every chunk's windows and probabilities for the pullback.
 """
 
 from __future__ import annotations

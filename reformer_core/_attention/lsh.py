@@ -16,9 +16,10 @@ from .attend import (
 )
 from .chunking import look_adjacent, look_adjacent_backward, merge_chunks, split_chunks
 from .._config import validate_num_buckets
-from .dispatch import native_lsh_backend
+from .dispatch import native_lsh_backend, uses_standard_path
 from .full import shared_qk_attention
 from .hashing import check_rotations, compute_buckets
+from .lean import lean_lsh_attention
 from .rounds import combine_rounds, combine_rounds_backward
 from .sorting import sort_by_bucket, unsort
 
@@ -87,8 +88,9 @@ def lsh_attention_vjp(qk: Any, v: Any, rotations: Any, **kwargs):
     """``(lsh_attention(qk, v, rotations, **kwargs), pullback)``.
 
     ``pullback(d_out) -> (d_qk, d_v)``. Hashing has no gradient: the buckets (and so the
-    sort) are held fixed, and the rotations get none. Memory: the chunked queries, keys,
-    values and attention probabilities of the forward are kept until the pullback runs.
+    sort) are held fixed, and the rotations get none. Memory: O(length) per call; the
+    pullback recomputes the attention probabilities block by block (``_attention/lean.py``).
+    Under :func:`standard_path` the windows and probabilities of the forward are kept instead.
     """
     check_finite = kwargs.pop("check_finite", False)
     attention_mask = kwargs.pop("attention_mask", None)
@@ -137,6 +139,11 @@ def lsh_with_buckets(xp, qk, v, buckets, keep, *, chunk_length, num_chunks_befor
     batch, heads, num_hashes, length = buckets.shape
     head_dim = v.shape[-1]
     perm, undo = sort_by_bucket(xp, buckets)
+    if with_pullback and not uses_standard_path():  # blocks recomputed in the pullback (lean.py)
+        return lean_lsh_attention(xp, qk, v, perm, undo, keep, chunk_length=chunk_length,
+                                  num_chunks_before=num_chunks_before, num_chunks_after=num_chunks_after, causal=causal,
+                                  duplicate_correction=duplicate_correction, dropout_rate=dropout_rate,
+                                  dropout_keep=dropout_keep)
     bias = None
     if duplicate_correction and num_hashes > 1:
         counts = duplicate_counts(xp, perm, undo, length, chunk_length, num_chunks_before, num_chunks_after)
