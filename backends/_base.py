@@ -156,6 +156,15 @@ class Backend:
         where ``native_lsh_attention``."""
         raise NotImplementedError("this backend has no native LSH attention kernel")
 
+    def compiled_generate(self, params: Any, config: Any, prompt: Any, max_new_tokens: int, *, temperature: float,
+                          top_k: int | None, top_p: float | None, eos_token_id: int | None, seed: int,
+                          rotations_seed: int) -> Any:
+        """``reformer_core.generate`` (without ``on_token``) as one compiled decode loop: the
+        same result, or None (the default) when this backend has none, and the core runs its
+        eager loop. ``reformer_core.generate`` calls it with arguments it has validated and
+        ``max_new_tokens >= 1``. JAX implements it (``jax/generate.py``)."""
+        return None
+
     # ---- HF interoperability (the torch adapter implements these; the core calls them by name) ----
     @staticmethod
     def read_torch_state_dict(path: Any) -> tuple[dict, dict]:

@@ -185,6 +185,14 @@ class JaxBackend(Backend):
 
         return lsh_chunk_attention(qk, v, perm, undo, **kwargs)
 
+    def compiled_generate(self, params, config, prompt, max_new_tokens, *, temperature, top_k, top_p, eos_token_id,
+                          seed, rotations_seed):
+        """The decode loop as one ``jax.jit`` call with fixed-size caches (``generate.py``)."""
+        from .generate import generate_checked
+
+        return generate_checked(params, config, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, eos_token_id=eos_token_id, seed=seed, rotations_seed=rotations_seed)
+
     def training_step_memory(self, config, *, batch, length, reversible):
         from .memory import training_step_memory
 

@@ -13,6 +13,9 @@ cache per layer; each new token then runs through the layers alone, attending to
   the O(L^2)-per-token recompute of the prefix.
 
 Layer norms and feed-forwards are position-wise, so a step computes only the new row.
+The step functions take the position as an int or as a 0-d integer array, and reach the
+caches through ``Run``'s hooks, so a compiled loop with fixed-size caches (JAX:
+``backends/jax/generate.py``) runs the same code with a traced position.
 What is exact and what is not is in ``docs/numerics.md`` ("Cached generation").
 """
 
@@ -37,7 +40,11 @@ from .embedding import token_embedding
 from .layers import layer_norm
 from .lm import check_params, embed, output_head, sample_rotations
 
-__all__ = ["generate", "generation_config", "padded_length", "choose_tokens", "cached_logits"]
+__all__ = [
+    "generate", "generation_config", "padded_length", "choose_tokens", "cached_logits",
+    # the pieces a compiled decode loop reuses (backends/jax/generate.py)
+    "check_generate_args", "sampling_filters", "sample_with_uniforms", "Run", "prefill", "decode_step",
+]
 
 
 # ---------------------------------------------------------------- what generation reproduces
@@ -135,7 +142,48 @@ def _check_prompt(xp, prompt, config, max_new_tokens, host):
     return batch, length
 
 
-# ---------------------------------------------------------------- choosing tokens (host NumPy)
+# ---------------------------------------------------------------- choosing tokens
+
+
+def sampling_filters(vocab: int, temperature: float, top_k: int | None, top_p: float | None):
+    """``(greedy, top_k, top_p)`` with the filters that keep everything switched off (None):
+    ``top_k >= vocab`` and ``top_p == 1`` keep every token, so they are skipped."""
+    greedy = temperature == 0
+    top_k = top_k if top_k is not None and top_k < vocab else None
+    top_p = top_p if top_p is not None and top_p < 1.0 else None
+    return greedy, top_k, top_p
+
+
+def sample_with_uniforms(xp, logits: Any, u: Any, temperature: Any, top_k: Any = None, top_p: Any = None):
+    """The tokens sampling picks from float ``logits (batch, vocab)`` with the uniform numbers
+    ``u (batch,)``, written once for the host (NumPy, float64) and for compiled loops.
+
+    The logits are divided by ``temperature``; ``top_k`` keeps the k largest (ties to the lower
+    id: ranks come from a stable sort); ``top_p`` then keeps the smallest set of most probable
+    tokens whose probability reaches it; ``u * total`` picks a token by the inverse CDF of the
+    kept probabilities (``searchsorted(cdf, u * cdf[-1], side="right")``, i.e. the number of
+    CDF entries ``<= u * cdf[-1]``: the CDF of non-negative numbers never decreases), clipped
+    to ``vocab - 1``. ``temperature``, ``top_k``, ``top_p`` may be traced scalars; None (see
+    :func:`sampling_filters`) switches a filter off.
+    """
+    vocab = logits.shape[-1]
+    z = logits / temperature
+    if top_k is not None:
+        order = xp.argsort(-z, axis=-1, stable=True)
+        ranks = xp.argsort(order, axis=-1)  # the inverse permutation: each token's rank
+        z = xp.where(ranks < top_k, z, xp.asarray(-math.inf, dtype=z.dtype))
+    probs = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
+    probs = probs / xp.sum(probs, axis=-1, keepdims=True)
+    if top_p is not None:
+        order = xp.argsort(-probs, axis=-1, stable=True)
+        ranked = xp.take_along_axis(probs, order, axis=-1)
+        before = xp.cumulative_sum(ranked, axis=-1) - ranked
+        nucleus = xp.take_along_axis(before < top_p, xp.argsort(order, axis=-1), axis=-1)
+        probs = xp.where(nucleus, probs, xp.zeros_like(probs))
+        probs = probs / xp.sum(probs, axis=-1, keepdims=True)
+    cdf = xp.cumulative_sum(probs, axis=-1)
+    picks = xp.sum(xp.astype(cdf <= (u * cdf[:, -1])[:, None], xp.int64), axis=-1)
+    return xp.minimum(picks, vocab - 1)
 
 
 def choose_tokens(logits: np.ndarray, rng: np.random.Generator, *, temperature: float = 1.0,
@@ -146,39 +194,31 @@ def choose_tokens(logits: np.ndarray, rng: np.random.Generator, *, temperature: 
     drawn). Otherwise the logits are divided by ``temperature``; ``top_k`` keeps the k largest
     (ties to the lower id, so ``top_k=1`` is greedy); ``top_p`` then keeps the smallest set of
     most probable tokens whose probability reaches ``top_p``; one uniform number per row from
-    ``rng`` picks a token by the inverse CDF of the kept, renormalised probabilities.
+    ``rng`` (``rng.random(batch)``) picks a token by the inverse CDF of the kept, renormalised
+    probabilities (:func:`sample_with_uniforms`).
     """
     logits = np.asarray(logits, dtype=np.float64)
     batch, vocab = logits.shape
-    if temperature == 0:
+    greedy, top_k, top_p = sampling_filters(vocab, temperature, top_k, top_p)
+    if greedy:
         return np.argmax(logits, axis=-1).astype(np.int64)
-    z = logits / float(temperature)
-    keep = np.ones_like(z, dtype=bool)
-    if top_k is not None and top_k < vocab:
-        order = np.argsort(-z, axis=-1, kind="stable")
-        np.put_along_axis(keep, order[:, top_k:], False, axis=-1)
-    z = np.where(keep, z, -np.inf)
-    probs = np.exp(z - np.max(z, axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        ranked = np.take_along_axis(probs, order, axis=-1)
-        before = np.cumsum(ranked, axis=-1) - ranked
-        nucleus = np.zeros_like(keep)
-        np.put_along_axis(nucleus, order, before < top_p, axis=-1)
-        probs = np.where(nucleus, probs, 0.0)
-        probs /= probs.sum(axis=-1, keepdims=True)
-    u = rng.random(batch)
-    cdf = np.cumsum(probs, axis=-1)
-    picks = [np.searchsorted(cdf[i], u[i] * cdf[i, -1], side="right") for i in range(batch)]
-    return np.minimum(np.asarray(picks, dtype=np.int64), vocab - 1)
+    picks = sample_with_uniforms(namespace(logits), logits, rng.random(batch), float(temperature), top_k, top_p)
+    return np.asarray(picks, dtype=np.int64)
 
 
 # ---------------------------------------------------------------- the model, cached
 
 
-class _Run:
-    """What every step needs: the namespace, the config, the parameters, the rotations."""
+class Run:
+    """What every step needs: the namespace, the config, the parameters, the rotations, and
+    how the caches grow.
+
+    This class grows them by concatenation, so they hold exactly the positions written so far
+    and positions are Python ints. A compiled loop (``backends/jax/generate.py``) subclasses it
+    with fixed-size caches written in place and a traced position; the step functions below
+    are written once for both: their position arithmetic (``padded_length``, chunk numbers,
+    windows) runs on ints or 0-d integer arrays alike.
+    """
 
     def __init__(self, xp, params, config, rotations):
         self.xp, self.params, self.config, self.rotations = xp, params, config, rotations
@@ -187,6 +227,22 @@ class _Run:
 
     def ints(self, values):
         return self.xp.asarray(values, dtype=self.xp.int64, device=self.device)
+
+    def positions(self, position):
+        """``position`` as an int ``(1,)`` array (a compiled loop's subclass takes a 0-d array)."""
+        return self.ints([position])
+
+    def write(self, cache, name, new, axis, position):
+        """Store ``new`` (one position along ``axis``) at ``position``: here appended."""
+        cache[name] = self.xp.concat([cache[name], new], axis=axis)
+
+    def trim_local(self, cache, next_position):
+        """Drop the local keys and values no query from ``next_position`` on can see."""
+        return _trim_local(self.xp, cache, _local_start(self.config, next_position))
+
+    def branch(self, condition, if_true, if_false):
+        """``if_true()`` where ``condition`` holds, else ``if_false()``."""
+        return if_true() if condition else if_false()
 
 
 def _projections(run, attention_params, h, names):
@@ -216,7 +272,7 @@ def _trim_local(xp, cache, start):
     return cache
 
 
-def _prefill(run, tokens, length):
+def prefill(run, tokens, length):
     """Run the prompt (padded like ``apply`` pads it) through the model; fill the caches.
 
     Returns ``(logits of the last prompt position (batch, vocab), caches)``.
@@ -243,7 +299,7 @@ def _prefill(run, tokens, length):
                                        num_chunks_before=config.local_num_chunks_before,
                                        num_chunks_after=config.local_num_chunks_after, **causal)
             cache = {"k": k[:, :, :length, :], "v": v[:, :, :length, :], "start": 0}
-            caches.append(_trim_local(xp, cache, _local_start(config, length)))
+            caches.append(run.trim_local(cache, length))
         else:
             qk, v = _projections(run, layer["attention"], h, ("qk", "v"))
             cache = {"keys": shared_qk_keys(xp, qk[:, :, :length, :]), "v": v[:, :, :length, :]}
@@ -264,17 +320,20 @@ def _prefill(run, tokens, length):
 
 
 def _position_embedding(xp, axial, position):
-    """The axial positional embedding of one position, ``(1, d_model)``."""
+    """The axial positional embedding of one position (an int or a 0-d integer array),
+    ``(1, d_model)``."""
     shape = [w.shape[0] for w in axial]
     parts = []
     for axis, table in enumerate(axial):
         index = (position // math.prod(shape[axis + 1:])) % shape[axis]
-        parts.append(table[index:index + 1, :])
+        parts.append(table[index:index + 1, :] if isinstance(index, int)
+                     else xp.take(table, xp.reshape(index, (1,)), axis=0))
     return xp.concat(parts, axis=-1)
 
 
-def _step(run, caches, token, position):
-    """One new token ``(batch, 1)`` at ``position``: update the caches, return its logits."""
+def decode_step(run, caches, token, position):
+    """One new token ``(batch, 1)`` at ``position`` (an int, or a 0-d integer array in a
+    compiled loop): update the caches, return its logits."""
     xp, config, params = run.xp, run.config, run.params
     x = token_embedding(xp, token, params["embedding"]["tokens"])
     x = x + _position_embedding(xp, params["embedding"]["axial"], position)
@@ -285,60 +344,67 @@ def _step(run, caches, token, position):
         h = layer_norm(xp, x2, layer["attention"]["norm"], config.layer_norm_eps)
         if kind == "local":
             q, k, v = _projections(run, layer["attention"], h, ("q", "k", "v"))
-            cache["k"] = xp.concat([cache["k"], k], axis=2)
-            cache["v"] = xp.concat([cache["v"], v], axis=2)
+            run.write(cache, "k", k, 2, position)
+            run.write(cache, "v", v, 2, position)
             attended = _local_step(run, cache, q, position, padded)
-            _trim_local(xp, cache, _local_start(config, position + 1))
+            run.trim_local(cache, position + 1)
         else:
             qk, v = _projections(run, layer["attention"], h, ("qk", "v"))
-            cache["keys"] = xp.concat([cache["keys"], shared_qk_keys(xp, qk)], axis=2)
-            cache["v"] = xp.concat([cache["v"], v], axis=2)
-            if kind == "lsh":
-                bucket = compute_buckets(xp, qk, run.rotations[i], run.num_buckets, None)
-                cache["buckets"] = xp.concat([cache["buckets"], bucket], axis=3)
-            if kind == "full" or padded <= config.lsh_chunk_length:
+            run.write(cache, "keys", shared_qk_keys(xp, qk), 2, position)
+            run.write(cache, "v", v, 2, position)
+            if kind == "full":
                 attended = _full_step(run, cache, qk, position)
             else:
-                attended = _lsh_step(run, cache, qk, position, padded)
+                bucket = compute_buckets(xp, qk, run.rotations[i], run.num_buckets, None)
+                run.write(cache, "buckets", bucket, 3, position)
+                attended = run.branch(padded <= config.lsh_chunk_length,
+                                      lambda: _full_step(run, cache, qk, position),
+                                      lambda: _lsh_step(run, cache, qk, bucket, position, padded))
         x1, x2 = _finish_layer(run, layer, x1, x2, attended)
     return output_head(xp, params, x1, x2, config)[:, 0, :]
 
 
 def _local_step(run, cache, q, position, padded):
-    """The new query against exactly the keys its chunked window holds in the padded prefix."""
+    """The new query against exactly the keys its chunked window holds in the padded prefix.
+
+    With several chunks the window is look_adjacent's: chunks ``own - before .. own + after``
+    modulo the number of chunks (a window that wraps onto one chunk twice holds its keys twice,
+    as the recompute does). With one chunk (``padded <= chunk``) the recompute attends to every
+    key once: the same window, whose copies after the first are masked out.
+    """
     xp, config = run.xp, run.config
     chunk = config.local_chunk_length
     before, after = config.local_num_chunks_before, config.local_num_chunks_after
-    if padded <= chunk:
-        window = list(range(position + 1))  # one chunk: every (unmasked) key
-    else:
-        num_chunks, own = padded // chunk, position // chunk
-        # look_adjacent's order: chunks own - before, ..., own + after, modulo the number of chunks;
-        # a window that wraps onto one chunk twice holds its keys twice, as the recompute does.
-        window = [((own + offset) % num_chunks) * chunk + j
-                  for offset in range(-before, after + 1) for j in range(chunk)]
+    span = before + 1 + after
+    num_chunks, own = padded // chunk, position // chunk
+    copy = run.ints([w // chunk for w in range(span * chunk)])  # which adjacent chunk a window slot is in
+    within = run.ints([w % chunk for w in range(span * chunk)])
+    window = ((own - before + before * num_chunks + copy) % num_chunks) * chunk + within  # (W,) positions
+    kept = 1 + (num_chunks > 1) * (span - 1)  # copies that count: all, or the first with one chunk
+    keep = None if isinstance(kept, int) and kept == span else copy < kept
     start = cache["start"]
-    visible = [p for p in window if p <= position]
-    if visible and min(visible) < start:
+    if start and start > max(0, own - before) * chunk:  # the lowest position the window can see
         raise AssertionError("local cache was trimmed below the window")  # a bug, never user input
-    index = run.ints([p - start if p <= position else 0 for p in window])
+    index = xp.where(window <= position, window - start, xp.zeros_like(window))
     keys, values = xp.take(cache["k"], index, axis=2), xp.take(cache["v"], index, axis=2)
     out, _ = attend(xp, q * (1.0 / math.sqrt(q.shape[-1])), keys, values,
-                    query_positions=run.ints([position]), key_positions=run.ints(window), causal=True)
+                    query_positions=run.positions(position), key_positions=window, causal=True, key_keep=keep)
     return out
 
 
 def _full_step(run, cache, qk, position):
-    """Shared-QK attention of the new query over every cached key (self mask, causal)."""
+    """Shared-QK attention of the new query over every cached key (self mask, causal: slots
+    after ``position``, which a fixed-size cache has not written yet, are masked)."""
     xp = run.xp
-    out, _ = attend(xp, qk, cache["keys"], cache["v"], query_positions=run.ints([position]),
-                    key_positions=xp.arange(position + 1, dtype=xp.int64, device=run.device),
+    out, _ = attend(xp, qk, cache["keys"], cache["v"], query_positions=run.positions(position),
+                    key_positions=xp.arange(cache["keys"].shape[2], dtype=xp.int64, device=run.device),
                     causal=True, self_mask=True)
     return out
 
 
-def _lsh_step(run, cache, qk, position, padded):
-    """LSH attention of the new query, the last real position of the padded prefix.
+def _lsh_step(run, cache, qk, bucket, position, padded):
+    """LSH attention of the new query ``qk`` (bucket ``bucket``), the last real position of the
+    padded prefix.
 
     Per round r the prefix's sorted order is: the real positions by (bucket, position), then
     the padding positions (their extra bucket sorts last) in position order, so rank k >= n
@@ -348,23 +414,27 @@ def _lsh_step(run, cache, qk, position, padded):
     whose slots map back to (round, rank) and so to positions. Those keys, with duplicates,
     the causal mask (which hides padding: it lies after the query) and the self mask, are
     exactly what the recompute's chunked attention gives this query.
+
+    The cache may be longer than the positions written (``0 .. position``): a fixed-size cache
+    holds, in its unwritten slots, a bucket above every real one, which the stable sort puts
+    after the real positions and the rank does not count.
     """
     xp, config = run.xp, run.config
     chunk, before, after = config.lsh_chunk_length, config.lsh_num_chunks_before, config.lsh_num_chunks_after
-    buckets = cache["buckets"]  # (b, h, n, length), round offsets included
-    batch, heads, rounds, length = buckets.shape
+    buckets = cache["buckets"]  # (b, h, n, capacity), round offsets included
+    batch, heads, rounds, capacity = buckets.shape
     width = chunk * (before + 1 + after)
     num_chunks = rounds * padded // chunk
     order = xp.astype(xp.argsort(buckets, axis=-1, stable=True), xp.int64)  # rank -> position, per round
-    rank = xp.sum(xp.astype(buckets[..., :-1] <= buckets[..., -1:], xp.int64), axis=-1)  # (b, h, n)
+    rank = xp.sum(xp.astype(buckets <= bucket, xp.int64), axis=-1) - 1  # (b, h, n); the new one counts itself
     slot = run.ints(list(range(rounds))) * padded + rank
-    offsets = run.ints([w // chunk - before + num_chunks * (before // num_chunks + 1) for w in range(width)])
+    offsets = run.ints([w // chunk - before for w in range(width)]) + before * num_chunks  # >= 0
     within = run.ints([w % chunk for w in range(width)])
     slots = ((slot // chunk)[..., None] + offsets) % num_chunks * chunk + within  # (b, h, n, W)
     item_round, item_rank = slots // padded, slots % padded
-    real = item_rank < length
-    flat_order = xp.reshape(order, (batch, heads, rounds * length))
-    index = item_round * length + xp.where(real, item_rank, xp.zeros_like(item_rank))
+    real = item_rank < position + 1
+    flat_order = xp.reshape(order, (batch, heads, rounds * capacity))
+    index = item_round * capacity + xp.where(real, item_rank, xp.zeros_like(item_rank))
     found = xp.reshape(xp.take_along_axis(flat_order, xp.reshape(index, (batch, heads, rounds * width)), axis=-1),
                        (batch, heads, rounds, width))
     key_positions = xp.where(real, found, item_rank)  # padding rank k holds padding position k
@@ -386,6 +456,33 @@ def _lsh_step(run, cache, qk, position, padded):
 
 
 # ---------------------------------------------------------------- the public function
+
+
+def check_generate_args(params, config, prompt, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+                        rotations_seed, on_token=None):
+    """Validate :func:`generate`'s arguments; ``(backend, host prompt, batch, prompt_length)``.
+
+    Shared with the compiled loops (``backends/jax/generate.py``), so they raise the same errors.
+    """
+    from .._registry import backend_for
+
+    if not isinstance(config, ReformerConfig):
+        raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
+    if not config.causal:
+        raise ValueError("generate needs a causal model (config.causal=True): a non-causal model's tokens see "
+                         "later positions, which do not exist yet while generating")
+    check_params(params, config)
+    table = params["embedding"]["tokens"]
+    xp = namespace(prompt, table)
+    check_same_device({"prompt": prompt, "params": table})
+    _check_options(config, temperature, top_k, top_p, eos_token_id, seed, rotations_seed, max_new_tokens)
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token must be a callable taking the new tokens (a (batch,) int64 NumPy array) or None, "
+                        f"got {type(on_token).__name__}")
+    backend = backend_for(table)
+    host = np.asarray(backend.to_numpy(prompt))
+    batch, length = _check_prompt(xp, prompt, config, max_new_tokens, host)
+    return backend, host, batch, length
 
 
 def generate(
@@ -437,6 +534,9 @@ def generate(
             tokens are chosen (before the next step is computed), with a host int64 NumPy array
             ``(batch,)`` of the new tokens (finished sequences repeat ``eos_token_id``). Its
             return value is ignored; an exception it raises stops the generation and propagates.
+            Without it, a backend with a compiled decode loop (``Backend.compiled_generate``:
+            JAX, ``reformer_core.backends.jax.generate``) runs the whole generation as one
+            compiled call; with it, every backend runs this module's eager loop.
 
     Returns:
         the prompt followed by the new tokens, on the prompt's backend and in its dtype:
@@ -444,33 +544,25 @@ def generate(
         prompt), ``generated <= max_new_tokens`` (fewer only when ``eos_token_id`` ended
         every sequence).
     """
-    from .._registry import backend_for
-
-    if not isinstance(config, ReformerConfig):
-        raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
-    if not config.causal:
-        raise ValueError("generate needs a causal model (config.causal=True): a non-causal model's tokens see "
-                         "later positions, which do not exist yet while generating")
-    check_params(params, config)
-    table = params["embedding"]["tokens"]
-    xp = namespace(prompt, table)
-    check_same_device({"prompt": prompt, "params": table})
-    _check_options(config, temperature, top_k, top_p, eos_token_id, seed, rotations_seed, max_new_tokens)
-    if on_token is not None and not callable(on_token):
-        raise TypeError(f"on_token must be a callable taking the new tokens (a (batch,) int64 NumPy array) or None, "
-                        f"got {type(on_token).__name__}")
-    backend = backend_for(table)
-    host = np.asarray(backend.to_numpy(prompt))
-    batch, length = _check_prompt(xp, prompt, config, max_new_tokens, host)
-    host = np.reshape(host, (batch, length)).astype(np.int64)
+    backend, host, batch, length = check_generate_args(params, config, prompt, max_new_tokens, temperature, top_k,
+                                                       top_p, eos_token_id, seed, rotations_seed, on_token)
     if max_new_tokens == 0:
         return prompt
+    if on_token is None:  # streaming needs the host every step: the eager loop below
+        compiled = backend.compiled_generate(params, config, prompt, max_new_tokens, temperature=temperature,
+                                             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
+                                             rotations_seed=rotations_seed)
+        if compiled is not None:
+            return compiled
+    table = params["embedding"]["tokens"]
+    xp = namespace(prompt, table)
+    host = np.reshape(host, (batch, length)).astype(np.int64)
     params = tree_map(backend.stop_gradient, params)  # no autodiff trace grows with the cache
     run_config = generation_config(config)
     rotations = sample_rotations(run_config, config.max_length, rotations_seed, like=table)
-    run = _Run(xp, params, run_config, rotations)
+    run = Run(xp, params, run_config, rotations)
     tokens = xp.reshape(prompt, (batch, length))
-    logits, caches = _prefill(run, tokens, length)
+    logits, caches = prefill(run, tokens, length)
     rng = np.random.default_rng(seed)
     finished = np.zeros(batch, dtype=bool)
     generated = []
@@ -486,7 +578,7 @@ def generate(
         if step == max_new_tokens - 1 or finished.all():
             break
         token = backend.from_numpy(chosen[:, None].astype(np.int64))
-        logits = _step(run, caches, token, length + step)
+        logits = decode_step(run, caches, token, length + step)
     out = np.concatenate([host, np.stack(generated, axis=1)], axis=1)
     result = xp.astype(backend.from_numpy(out), prompt.dtype)
     return result[0, :] if prompt.ndim == 1 else result
@@ -508,10 +600,10 @@ def cached_logits(params: dict, config: ReformerConfig, tokens: Any, prompt_leng
     backend = backend_for(table)
     params = tree_map(backend.stop_gradient, params)
     run_config = generation_config(config)
-    run = _Run(xp, params, run_config, sample_rotations(run_config, config.max_length, rotations_seed, like=table))
-    logits, caches = _prefill(run, tokens[:, :prompt_length], prompt_length)
+    run = Run(xp, params, run_config, sample_rotations(run_config, config.max_length, rotations_seed, like=table))
+    logits, caches = prefill(run, tokens[:, :prompt_length], prompt_length)
     rows = [np.asarray(backend.to_numpy(logits), dtype=np.float64)]
     for position in range(prompt_length, tokens.shape[1]):
-        logits = _step(run, caches, tokens[:, position:position + 1], position)
+        logits = decode_step(run, caches, tokens[:, position:position + 1], position)
         rows.append(np.asarray(backend.to_numpy(logits), dtype=np.float64))
     return np.stack(rows, axis=1)
