@@ -20,32 +20,9 @@ import reformer_core._model.generate as core  # noqa: E402
 from reformer_core._model.generate import generation_config, padded_length  # noqa: E402
 from reformer_core.backends.jax import generate as jax_generate  # noqa: E402
 
-VOCAB = 24
+from generate_cases import STACKS, VOCAB, make_config  # noqa: E402
 
 
-def make_config(**changes) -> rc.ReformerConfig:  # the shapes of tests/test_generate.py
-    base = dict(vocab_size=VOCAB, d_model=12, num_heads=2, head_dim=6, d_ff=16, attention_layers=("lsh",),
-                num_hashes=2, num_buckets=4, lsh_chunk_length=4, local_chunk_length=4, axial_pos_shape=(4, 8),
-                initializer_range=0.5)  # large weights: logits far apart, tokens varied
-    base.update(changes)
-    return rc.ReformerConfig(**base)
-
-
-STACKS = {
-    "local": dict(attention_layers=("local",)),
-    "local-local": dict(attention_layers=("local", "local")),
-    "local-wraps": dict(attention_layers=("local",), local_num_chunks_before=2, local_num_chunks_after=1),
-    "full": dict(attention_layers=("full", "full")),
-    "lsh": dict(attention_layers=("lsh",)),
-    # windows that reach into the previous round and into the padding (tests/test_generate.py checks they do)
-    "lsh-3-rounds-2-back": dict(attention_layers=("lsh",), num_hashes=3, lsh_num_chunks_before=2),
-    "lsh-look-ahead": dict(attention_layers=("lsh",), lsh_num_chunks_after=1),
-    "lsh-duplicate-correction": dict(attention_layers=("lsh",), num_hashes=3, duplicate_correction=True),
-    "lsh-factorised-default-buckets": dict(attention_layers=("lsh",), num_buckets=None, axial_pos_shape=(8, 8)),
-    "local-then-lsh": dict(attention_layers=("local", "lsh")),
-    "local-full-lsh": dict(attention_layers=("local", "full", "lsh")),
-    "local-8-then-lsh-4": dict(attention_layers=("local", "lsh"), local_chunk_length=8),
-}
 # One token (a padded prefill; the steps then cross every chunk boundary, the LSH layers' one-chunk case
 # included); the edge stacks also start on a boundary (4), just past it (5) and at two chunks (8).
 PROMPTS = {name: (1,) for name in STACKS}
