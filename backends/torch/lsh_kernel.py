@@ -412,7 +412,6 @@ def _backward(ctx, d_result):
     bad_keys = _bad_rows(keys)
     if bad_keys is not None:
         bad_keys = bad_keys.reshape(-1)  # (b*h*L,)
-    flat_lses = lses.reshape(-1)
     # Gradients go straight to the input rows: each block adds its rows with an accumulating
     # index_put_, one block after another (serial, so deterministic, on the CPU; on CUDA as
     # deterministic as torch.use_deterministic_algorithms makes it, and the Triton kernel is
@@ -421,8 +420,9 @@ def _backward(ctx, d_result):
     work = _workspace(qk.dtype, qk.device)
     for spec in geo.blocks:
         block = _Block(geo, index, spec, work, qk, keys, values)
-        lse = torch.index_select(flat_lses, 0, block.out_rows, out=work.get("lse", (block.m * geo.c,)))
-        probs = _recomputed_probs(block, index, bias, work, lse.view(block.m, geo.c, 1))
+        # Recomputed as the forward computed them (explicitly normalised): exp(logits - lse) loses up to
+        # ulp(1e5) of the mass in float32 where the -1e5 self value is a row's largest logit.
+        probs, _ = _block_probs(block, index, bias, work)
         g_buffer = work.get("g", (block.m * geo.c, d))
         if bad is None:
             g = torch.index_select(d_rows, 0, block.query_rows, out=g_buffer)
