@@ -254,14 +254,6 @@ def _block_probs(block, index, bias, work):
     return probs, top - torch.log(probs.amax(dim=-1, keepdim=True))
 
 
-def _recomputed_probs(block, index, bias, work, lse):
-    """The backward's probabilities of one block from the forward's log-sum-exp ``lse (m, c, 1)``:
-    ``exp(logits - lse)`` in one pass (masked entries ``exp(-inf) = 0``), no softmax."""
-    logits = _block_logits(block, index, bias, work, shift=lse)
-    _fill_self(logits, block, index, mask_values(torch, logits.dtype)[1] - lse)
-    return logits.exp_()
-
-
 def _fill_self(x, block, index, value):
     """Set the entries of ``x (m, c, window_rows)`` where a query meets its own position to
     ``value`` (a float, or a per-row tensor ``(m, c, 1)``).
