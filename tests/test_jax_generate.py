@@ -16,7 +16,7 @@ jax = pytest.importorskip("jax", reason="the jitted decode loop needs jax (pip i
 import jax.numpy as jnp  # noqa: E402
 
 import reformer_core as rc  # noqa: E402
-import reformer_core._model.generate as core  # noqa: E402
+import reformer_core._model.decode as core  # noqa: E402
 from reformer_core._model.generate import generation_config, padded_length  # noqa: E402
 from reformer_core.backends.jax import generate as jax_generate  # noqa: E402
 

@@ -8,7 +8,7 @@ a ``lax.while_loop`` whose position is a traced integer, so it compiles once per
 ``max_new_tokens`` and sampling mode, and stops early once ``eos_token_id`` has ended every
 sequence.
 
-The step is the core's (``reformer_core/_model/generate.py``: ``prefill``, ``decode_step``): its
+The step is the core's (``reformer_core/_model/decode.py``: ``prefill``, ``decode_step``): its
 position arithmetic runs on traced integers as on ints, and :class:`_FixedRun` gives it the
 fixed-size caches: a new position's keys, values and buckets are written in place; unwritten
 slots hold zeros (finite, and hidden by the causal mask: they lie after the query) and, for
@@ -17,7 +17,7 @@ not count. The LSH layer's one-chunk case (full attention) is a ``lax.cond``.
 
 Sampling runs in the graph on uniform numbers drawn beforehand on the host exactly as the eager
 loop draws them (``numpy.random.default_rng(seed).random(batch)`` per step, none when
-greedy), with the core's :func:`~reformer_core._model.generate.sample_with_uniforms`.
+greedy), with the core's :func:`~reformer_core._model.sampling.sample_with_uniforms`.
 Greedy tokens are exactly the eager loop's (the argmax of the same logits, to rounding);
 sampled ones too, except where a logit or the CDF rounds across a boundary: the sampling
 arithmetic is float32, float64 with JAX's x64 mode on (the eager loop's is float64 on the host).
@@ -41,14 +41,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import reformer_core._model.generate as core
+import reformer_core._model.decode as decode
+from reformer_core._model.generate import check_generate_args
+from reformer_core._model.sampling import sample_with_uniforms, sampling_filters
 from reformer_core._model.lm import sample_rotations
 from reformer_core._registry import backend_for
 
 __all__ = ["generate", "generate_checked"]
 
 
-class _FixedRun(core.Run):
+class _FixedRun(decode.Run):
     """The core's step context with caches of a fixed length, written in place."""
 
     def positions(self, position):
@@ -100,14 +102,14 @@ def _decode(params, rotations, tokens, uniforms, temperature, top_k, top_p, eos,
     batch, length = tokens.shape
     kinds = config.attention_layers
     run = _FixedRun(jnp, params, config, rotations)
-    logits, caches = core.prefill(run, tokens, length)
-    caches = _fixed_caches(caches, core.padded_length(config, length + max_new_tokens - 1))
+    logits, caches = decode.prefill(run, tokens, length)
+    caches = _fixed_caches(caches, decode.padded_length(config, length + max_new_tokens - 1))
 
     def choose(logits, u):
         if greedy:
             chosen = jnp.argmax(logits, axis=-1)
         else:
-            chosen = core.sample_with_uniforms(jnp, logits.astype(uniforms.dtype), u, temperature,
+            chosen = sample_with_uniforms(jnp, logits.astype(uniforms.dtype), u, temperature,
                                                top_k if use_top_k else None, top_p if use_top_p else None)
         return chosen.astype(tokens.dtype)
 
@@ -127,7 +129,7 @@ def _decode(params, rotations, tokens, uniforms, temperature, top_k, top_p, eos,
     def step(state):
         count, token, caches, finished, generated = state  # token: the last chosen, at position length - 1 + count
         current = _with_start(caches, kinds)
-        logits = core.decode_step(run, current, token[:, None], length - 1 + count)
+        logits = decode.decode_step(run, current, token[:, None], length - 1 + count)
         chosen, finished = finish(choose(logits, uniforms[count]), finished)
         generated = jax.lax.dynamic_update_slice_in_dim(generated, chosen[:, None], count, 1)
         return count + 1, chosen, _without_start(current), finished, generated
@@ -145,9 +147,9 @@ def generate_checked(params: dict, config, prompt: Any, max_new_tokens: int, *, 
     table = params["embedding"]["tokens"]
     backend = backend_for(table)
     batch, length = (1, prompt.shape[0]) if prompt.ndim == 1 else tuple(prompt.shape)
-    run_config = core.generation_config(config)
+    run_config = decode.generation_config(config)
     rotations = sample_rotations(run_config, config.max_length, rotations_seed, like=table)
-    greedy, top_k, top_p = core.sampling_filters(config.vocab_size, temperature, top_k, top_p)
+    greedy, top_k, top_p = sampling_filters(config.vocab_size, temperature, top_k, top_p)
     wide = np.float64 if jax.config.jax_enable_x64 else np.float32  # the sampling arithmetic
     # Exactly the eager loop's draws: rng.random((steps, batch)) is rng.random(batch) per step.
     shape = (max_new_tokens, batch)
@@ -180,7 +182,7 @@ def generate(params: dict, config, prompt: Any, max_new_tokens: int, *, temperat
     ``max_new_tokens``, greedy or sampling, whether top_k/top_p/eos_token_id are used); seeds,
     temperatures, top_k/top_p/eos values and weights of the same shapes reuse the compilation.
     """
-    backend, _, _, _ = core.check_generate_args(params, config, prompt, max_new_tokens, temperature, top_k, top_p,
+    backend, _, _, _ = check_generate_args(params, config, prompt, max_new_tokens, temperature, top_k, top_p,
                                         eos_token_id, seed, rotations_seed)
     if backend.name != "jax":
         raise TypeError(f"reformer_core.backends.jax.generate needs JAX arrays, got {backend.name} arrays; "
