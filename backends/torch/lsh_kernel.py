@@ -220,19 +220,15 @@ class _Block:
         return target
 
 
-def _block_logits(block, index, bias, work, shift=None):
+def _block_logits(block, index, bias, work):
     """Masked logits ``(m, c, window_rows)`` of one block (a workspace buffer): ``q k^T (+ bias)``,
-    minus ``shift (m, c, 1)`` when given, causal/padding entries set to the mask value."""
+    causal/padding entries set to the mask value."""
     geo, h = block.geo, block.h
     shape = (block.m, geo.c, geo.window_rows)
-    k_windows = block.window(block.k).transpose(-1, -2)
-    if shift is None:
-        logits = torch.bmm(block.q, k_windows, out=work.get("logits", shape))
-    else:  # the shift is added inside the product (baddbmm), not in a pass of its own
-        logits = torch.baddbmm(shift.neg(), block.q, k_windows, out=work.get("logits", shape))
+    logits = torch.bmm(block.q, block.window(block.k).transpose(-1, -2), out=work.get("logits", shape))
     if bias is not None:
         logits += bias[h, block.s:block.e]
-    mask_value = float("-inf") if shift is not None else mask_values(torch, logits.dtype)[0]
+    mask_value = mask_values(torch, logits.dtype)[0]
     if index.key_pos is not None:
         key_pos = block.window(index.key_pos[h, block.s * geo.c:(block.e + geo.width - 1) * geo.c])
         if index.pad_only:  # padding only: a key is masked for every query
@@ -244,19 +240,19 @@ def _block_logits(block, index, bias, work, shift=None):
     return logits
 
 
-def _block_probs(block, index, bias, work):
-    """Probabilities ``(m, c, window_rows)`` of one block (a workspace buffer) and its rows'
-    log-sum-exp ``(m, c, 1)`` (``top - log(max p)``: exact to rounding, never log of a tiny sum)."""
+def _block_probs(block, index, bias, work, with_lse=True):
+    """Probabilities ``(m, c, window_rows)`` of one block (a workspace buffer) and, with
+    ``with_lse``, its rows' log-sum-exp ``(m, c, 1)`` (``top - log(max p)``: exact to rounding,
+    never the log of a tiny sum); the backward's recompute needs the probabilities only."""
     logits = _block_logits(block, index, bias, work)
     _fill_self(logits, block, index, mask_values(torch, logits.dtype)[1])
-    top = logits.amax(dim=-1, keepdim=True)
+    top = logits.amax(dim=-1, keepdim=True) if with_lse else None
     probs = torch.ops.aten._softmax.out(logits, -1, False, out=work.get("probs", logits.shape))
-    return probs, top - torch.log(probs.amax(dim=-1, keepdim=True))
+    return probs, (top - torch.log(probs.amax(dim=-1, keepdim=True)) if with_lse else None)
 
 
 def _fill_self(x, block, index, value):
-    """Set the entries of ``x (m, c, window_rows)`` where a query meets its own position to
-    ``value`` (a float, or a per-row tensor ``(m, c, 1)``).
+    """Set the entries of ``x (m, c, window_rows)`` where a query meets its own position to ``value``.
 
     Every query sees itself on the diagonal of its own chunk (a strided view, no mask); another
     copy of its position can only sit in a window chunk of another hashing round, or in its own
@@ -264,21 +260,11 @@ def _fill_self(x, block, index, value):
     """
     geo, h, s = block.geo, block.h, block.s
     c, own = geo.c, geo.before
-    per_row = isinstance(value, torch.Tensor)
-    diagonal = x[..., own * c:(own + 1) * c].diagonal(dim1=-2, dim2=-1)
-    if per_row:
-        diagonal.copy_(value[..., 0])
-    else:
-        diagonal.fill_(value)
+    x[..., own * c:(own + 1) * c].diagonal(dim1=-2, dim2=-1).fill_(value)
     for chunk, k in (pair for pair in geo.cross if s <= pair[0] < block.e):
         query_pos = index.pos[h, chunk * c:(chunk + 1) * c]
         key_pos = index.pos_halo[h, (chunk + k) * c:(chunk + k + 1) * c]
-        same = key_pos[None, :] == query_pos[:, None]
-        part = x[chunk - s, :, k * c:(k + 1) * c]
-        if per_row:
-            part.copy_(torch.where(same, value[chunk - s], part))
-        else:
-            part.masked_fill_(same, value)
+        x[chunk - s, :, k * c:(k + 1) * c].masked_fill_(key_pos[None, :] == query_pos[:, None], value)
 
 
 def _dropped(probs, keep_drop, rate, block, out=None):
@@ -414,7 +400,7 @@ def _backward(ctx, d_result):
         block = _Block(geo, index, spec, work, qk, keys, values)
         # Recomputed as the forward computed them (explicitly normalised): exp(logits - lse) loses up to
         # ulp(1e5) of the mass in float32 where the -1e5 self value is a row's largest logit.
-        probs, _ = _block_probs(block, index, bias, work)
+        probs, _ = _block_probs(block, index, bias, work, with_lse=False)
         g_buffer = work.get("g", (block.m * geo.c, d))
         if bad is None:
             g = torch.index_select(d_rows, 0, block.query_rows, out=g_buffer)
