@@ -42,6 +42,8 @@ class Backend:
             ``L x L`` array (flash-style), so the benchmarks need not budget for one.
         native_lsh_attention: whether ``lsh_chunk_attention`` is implemented; the core then
             runs it by default for LSH attention (``reformer_core.standard_path()`` turns it off).
+        native_layer_ops: whether ``native_dense``, ``native_relu`` and ``native_layer_norm``
+            are implemented; the core's position-wise layers then call them by default.
 
     ``capabilities`` is a property: feature flags such as ``{"float64", "autodiff", "gpu",
     "jit", "native-attention", "tracemalloc"}`` for this device (some depend on the device or
@@ -56,6 +58,7 @@ class Backend:
     jit_traces_vjp: bool = True
     native_attention_linear_memory: bool = False
     native_lsh_attention: bool = False
+    native_layer_ops: bool = False
 
     def __init__(self, device: Any = None) -> None:
         self.device = self.default_device() if device is None else self.parse_device(device)
@@ -155,6 +158,23 @@ class Backend:
         its inputs (so the core can call it on the adapter class, traceable by compilers). Only
         where ``native_lsh_attention``."""
         raise NotImplementedError("this backend has no native LSH attention kernel")
+
+    # ---- fused position-wise ops (where ``native_layer_ops``; static, traceable like the LSH kernel) ----
+    @staticmethod
+    def native_dense(x: Any, weight: Any, bias: Any) -> Any:
+        """``x @ weight + bias`` (``bias`` may be None) for inputs of one dtype; differentiable."""
+        raise NotImplementedError("this backend has no native layer ops")
+
+    @staticmethod
+    def native_relu(x: Any) -> Any:
+        """``relu``: 0 where ``x <= 0``, NaN kept, gradient 0 at ``x == 0``; differentiable."""
+        raise NotImplementedError("this backend has no native layer ops")
+
+    @staticmethod
+    def native_layer_norm(x: Any, scale: Any, bias: Any, eps: float) -> Any:
+        """The core's ``layer_norm`` over the last axis (biased variance, ``eps`` inside the
+        square root) for inputs of one dtype; differentiable."""
+        raise NotImplementedError("this backend has no native layer ops")
 
     def compiled_generate(self, params: Any, config: Any, prompt: Any, max_new_tokens: int, *, temperature: float,
                           top_k: int | None, top_p: float | None, eos_token_id: int | None, seed: int,

@@ -24,6 +24,7 @@ class TorchBackend(Backend):
     jit_traces_vjp = False  # torch.compile cannot trace torch.autograd.grad
     native_attention_linear_memory = True  # SDPA's flash / memory-efficient kernels, CPU included
     native_lsh_attention = True  # lsh_kernel.py: one autograd.Function, recompute in the backward
+    native_layer_ops = True  # layer_ops.py: linear, relu, layer_norm
 
     @property
     def capabilities(self) -> frozenset:
@@ -184,6 +185,24 @@ class TorchBackend(Backend):
         from .hf_io import hash_seed_normal
 
         return hash_seed_normal(shape, seed, dtype_name)
+
+    @staticmethod
+    def native_dense(x, weight, bias):
+        from .layer_ops import dense
+
+        return dense(x, weight, bias)
+
+    @staticmethod
+    def native_relu(x):
+        from .layer_ops import relu
+
+        return relu(x)
+
+    @staticmethod
+    def native_layer_norm(x, scale, bias, eps):
+        from .layer_ops import layer_norm
+
+        return layer_norm(x, scale, bias, eps)
 
     @staticmethod
     def lsh_chunk_attention(qk, v, perm, undo, **kwargs):

@@ -11,6 +11,7 @@ import math
 from typing import Any, Callable
 
 from .._arrays import dropout, zero_of
+from .._attention.dispatch import native_layer_backend
 
 __all__ = [
     "dense",
@@ -36,9 +37,18 @@ def sum_leading(xp, x: Any):
 
 def dense(xp, x: Any, params: dict):
     """``x @ weight + bias``: x ``(..., d_in)``, weight ``(d_in, d_out)``, bias ``(d_out,)`` or absent."""
-    out = xp.matmul(x, params["weight"])
-    bias = params.get("bias")
+    weight, bias = params["weight"], params.get("bias")
+    native = native_layer_backend(x)
+    if native is not None and _one_dtype(x, weight, bias):
+        return native.native_dense(x, weight, bias)
+    out = xp.matmul(x, weight)
     return out if bias is None else out + bias
+
+
+def _one_dtype(x, *others) -> bool:
+    """Whether every array given (None skipped) has ``x``'s dtype: the native ops do not
+    promote, so mixed inputs take the standard path (which promotes, or raises, as it always did)."""
+    return all(other is None or other.dtype == x.dtype for other in others)
 
 
 def dense_vjp(xp, x: Any, params: dict):
@@ -65,6 +75,11 @@ def _normalise(xp, x, eps):
 
 def layer_norm(xp, x: Any, params: dict, eps: float):
     """Normalise the last axis to zero mean and unit (biased) variance, then scale and shift."""
+    native = native_layer_backend(x)
+    # One feature: the fused backward's cancellation leaves ~1/sqrt(eps) ulps where the exact
+    # gradient is 0 (the output is the bias alone); the standard rule gives the 0.
+    if native is not None and x.shape[-1] > 1 and _one_dtype(x, params["scale"], params["bias"]):
+        return native.native_layer_norm(x, params["scale"], params["bias"], eps)
     normalised, _ = _normalise(xp, x, eps)
     return normalised * params["scale"] + params["bias"]
 
@@ -90,6 +105,9 @@ def layer_norm_vjp(xp, x: Any, params: dict, eps: float):
 def activation(xp, name: str, x: Any):
     """``relu``, ``gelu_tanh`` (the tanh approximation; erf is not in the Array API) or ``silu``."""
     if name == "relu":
+        native = native_layer_backend(x)
+        if native is not None:
+            return native.native_relu(x)
         # Not maximum(x, 0): autodiff frameworks split maximum's gradient 0.5/0.5 at x == 0
         # (which low precision hits), while the rule below passes none there. NaN still propagates.
         return xp.where(x <= 0, zero_of(xp, x), x)
