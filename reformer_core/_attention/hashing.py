@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -119,6 +120,29 @@ def check_rotations(xp, x: Any, rotations: Any, num_buckets) -> None:
         )
 
 
+_CONCAT_BELOW = 1 << 14  # elements; below it the four reductions cost more dispatches than the copy saves
+
+
+def _signed_argmax(xp, part):
+    """``argmax(concat([part, -part], axis=-1), axis=-1)`` as int64, without the concatenation.
+
+    The first maximum of ``[p, -p]`` is the first maximum of ``p`` when ``max(p) >= -min(p)``
+    (ties go to the first half, as argmax's first occurrence does), else the first minimum of
+    ``p`` in the second half. A NaN counts as the maximum, as argmax's NaN does (first half).
+    Small arrays (a decode step's one position) take the concatenation: fewer operations,
+    the same ids.
+    """
+    if math.prod(part.shape) <= _CONCAT_BELOW:
+        return xp.astype(xp.argmax(xp.concat([part, -part], axis=-1), axis=-1), xp.int64)
+    high = xp.argmax(part, axis=-1, keepdims=True)
+    low = xp.argmin(part, axis=-1, keepdims=True)
+    top = xp.take_along_axis(part, high, axis=-1)
+    bottom = xp.take_along_axis(part, low, axis=-1)
+    first_half = xp.logical_or(top >= -bottom, xp.isnan(top))
+    ids = xp.where(first_half, high, low + part.shape[-1])
+    return xp.astype(ids[..., 0], xp.int64)
+
+
 def compute_buckets(xp, x, rotations, num_buckets, attention_mask):
     """:func:`hash_vectors` without validation (``attention_mask`` may be None)."""
     batch, heads, length, _ = x.shape
@@ -126,16 +150,15 @@ def compute_buckets(xp, x, rotations, num_buckets, attention_mask):
     flat = xp.reshape(rotations, (heads, head_dim, num_hashes * half))
     rotated = xp.matmul(x, flat)  # (b, h, L, n * half)
     rotated = xp.reshape(rotated, (batch, heads, length, num_hashes, half))
-    rotated = xp.permute_dims(rotated, (0, 1, 3, 2, 4))  # (b, h, n, L, half)
     factors = num_buckets if isinstance(num_buckets, tuple) else (num_buckets,)
     buckets = None
     start, stride = 0, 1
     for factor in factors:
-        part = rotated[..., start : start + factor // 2]
-        ids = xp.astype(xp.argmax(xp.concat([part, -part], axis=-1), axis=-1), xp.int64)
+        ids = _signed_argmax(xp, rotated[..., start : start + factor // 2])
         buckets = ids if buckets is None else buckets + stride * ids
         start += factor // 2
         stride *= factor
+    buckets = xp.permute_dims(buckets, (0, 1, 3, 2))  # (b, h, n, L)
     per_round = buckets_per_round(num_buckets, attention_mask is not None)
     if attention_mask is not None:
         keep = keep_mask(xp, attention_mask, batch, length)
