@@ -189,7 +189,7 @@ def _sort(qk, keys, v, perm, key_keep, bias, keep_drop, geo):
 
 def _finite_rows(x):
     """``(x with its non-finite rows zeroed, bool (..., rows) marking them)`` (the core's ``finite_rows``)."""
-    bad = jnp.logical_not(jnp.all(jnp.isfinite(x), axis=-1))
+    bad = jnp.logical_not(jnp.isfinite(jnp.sum(x * 0, axis=-1)))  # NaN exactly where a row holds NaN or inf
     return jnp.where(bad[..., None], jnp.zeros_like(x), x), bad
 
 
