@@ -31,9 +31,9 @@ from .._attention.local import local_attention
 from .._attention.lsh import lsh_attention
 from .._attention.rounds import combine_rounds
 from .._config import ReformerConfig
-from .blocks import feed_forward_block, merge_heads, split_heads
+from .blocks import feed_forward_block, merge_heads
 from .embedding import token_embedding
-from .layers import layer_norm
+from .layers import dense, layer_norm
 from .lm import embed, output_head
 
 __all__ = ["generation_config", "padded_length", "Run", "prefill", "decode_step"]
@@ -87,9 +87,19 @@ class Run:
         self.xp, self.params, self.config, self.rotations = xp, params, config, rotations
         self.device = device_of(params["embedding"]["tokens"])
         self.num_buckets = config.num_buckets_for(config.max_length) if "lsh" in config.attention_layers else None
+        self._constants = {}
+        self.weights = {}  # derived from params once per run (the fused projection weights)
 
     def ints(self, values):
         return self.xp.asarray(values, dtype=self.xp.int64, device=self.device)
+
+    def constant(self, key, make):
+        """An int64 array that depends only on ``key`` (config constants), made once per run:
+        a step then creates no host-to-device copies of index tables."""
+        cached = self._constants.get(key)
+        if cached is None:
+            cached = self._constants[key] = self.ints(make())
+        return cached
 
     def positions(self, position):
         """``position`` as an int ``(1,)`` array (a compiled loop's subclass takes a 0-d array)."""
@@ -108,15 +118,25 @@ class Run:
         return if_true() if condition else if_false()
 
 
-def _projections(run, attention_params, h, names):
-    xp = run.xp
-    return [split_heads(xp, xp.matmul(h, attention_params[name]), run.config.num_heads) for name in names]
+def _projections(run, layer_index, h, names):
+    """The ``names`` projections of ``h (batch, length, d_model)``, heads split: one matmul by
+    their weights side by side (concatenated once per run), then one reshape and transpose."""
+    xp, heads = run.xp, run.config.num_heads
+    key = ("projection weights", layer_index)
+    weight = run.weights.get(key)
+    if weight is None:
+        attention = run.params["layers"][layer_index]["attention"]
+        weight = run.weights[key] = xp.concat([attention[name] for name in names], axis=1)
+    batch, length, _ = h.shape
+    both = xp.reshape(dense(xp, h, {"weight": weight}), (batch, length, len(names), heads, -1))
+    both = xp.permute_dims(both, (2, 0, 3, 1, 4))  # (names, batch, heads, length, head_dim)
+    return [both[j, ...] for j in range(len(names))]
 
 
 def _finish_layer(run, layer_params, x1, x2, attended):
     """``Y1 = X1 + out(attended)``, ``Y2 = X2 + FeedForward(LayerNorm(Y1))``."""
     xp = run.xp
-    y1 = x1 + xp.matmul(merge_heads(xp, attended), layer_params["attention"]["out"])
+    y1 = x1 + dense(xp, merge_heads(xp, attended), {"weight": layer_params["attention"]["out"]})
     return y1, x2 + feed_forward_block(xp, layer_params["feed_forward"], y1, run.config)
 
 
@@ -157,14 +177,14 @@ def prefill(run, tokens, length):
         layer = params["layers"][i]
         h = layer_norm(xp, x2, layer["attention"]["norm"], config.layer_norm_eps)
         if kind == "local":
-            q, k, v = _projections(run, layer["attention"], h, ("q", "k", "v"))
+            q, k, v = _projections(run, i, h, ("q", "k", "v"))
             attended = local_attention(q, k, v, chunk_length=config.local_chunk_length,
                                        num_chunks_before=config.local_num_chunks_before,
                                        num_chunks_after=config.local_num_chunks_after, **causal)
             cache = {"k": k[:, :, :length, :], "v": v[:, :, :length, :], "start": 0}
             caches.append(run.trim_local(cache, length))
         else:
-            qk, v = _projections(run, layer["attention"], h, ("qk", "v"))
+            qk, v = _projections(run, i, h, ("qk", "v"))
             cache = {"keys": shared_qk_keys(xp, qk[:, :, :length, :]), "v": v[:, :, :length, :]}
             if kind == "full":
                 attended = full_attention(qk, v, **causal)
@@ -206,13 +226,13 @@ def decode_step(run, caches, token, position):
         layer, cache = params["layers"][i], caches[i]
         h = layer_norm(xp, x2, layer["attention"]["norm"], config.layer_norm_eps)
         if kind == "local":
-            q, k, v = _projections(run, layer["attention"], h, ("q", "k", "v"))
+            q, k, v = _projections(run, i, h, ("q", "k", "v"))
             run.write(cache, "k", k, 2, position)
             run.write(cache, "v", v, 2, position)
             attended = _local_step(run, cache, q, position, padded)
             run.trim_local(cache, position + 1)
         else:
-            qk, v = _projections(run, layer["attention"], h, ("qk", "v"))
+            qk, v = _projections(run, i, h, ("qk", "v"))
             run.write(cache, "keys", shared_qk_keys(xp, qk), 2, position)
             run.write(cache, "v", v, 2, position)
             if kind == "full":
@@ -240,12 +260,22 @@ def _local_step(run, cache, q, position, padded):
     before, after = config.local_num_chunks_before, config.local_num_chunks_after
     span = before + 1 + after
     num_chunks, own = padded // chunk, position // chunk
-    copy = run.ints([w // chunk for w in range(span * chunk)])  # which adjacent chunk a window slot is in
-    within = run.ints([w % chunk for w in range(span * chunk)])
+    start = cache["start"]
+    if isinstance(position, int) and not after and (num_chunks == 1 or num_chunks >= span):
+        # The window's keys the causal mask keeps are then exactly the positions from its
+        # first chunk (or 0) through the query, each once: the wrapped chunks lie after the
+        # query, and with one chunk only its first copy counts. A slice, no masks.
+        low = 0 if num_chunks == 1 else max(0, own - before) * chunk
+        seen = slice(low - start, position + 1 - start)
+        keys, values = cache["k"][:, :, seen, :], cache["v"][:, :, seen, :]
+        out, _ = attend(xp, q * (1.0 / math.sqrt(q.shape[-1])), keys, values, query_positions=None,
+                        key_positions=None, causal=False)
+        return out
+    copy = run.constant(("local copy",), lambda: [w // chunk for w in range(span * chunk)])  # adjacent chunk of a slot
+    within = run.constant(("local within",), lambda: [w % chunk for w in range(span * chunk)])
     window = ((own - before + before * num_chunks + copy) % num_chunks) * chunk + within  # (W,) positions
     kept = 1 + (num_chunks > 1) * (span - 1)  # copies that count: all, or the first with one chunk
     keep = None if isinstance(kept, int) and kept == span else copy < kept
-    start = cache["start"]
     if start and start > max(0, own - before) * chunk:  # the lowest position the window can see
         raise AssertionError("local cache was trimmed below the window")  # a bug, never user input
     index = xp.where(window <= position, window - start, xp.zeros_like(window))
@@ -290,9 +320,9 @@ def _lsh_step(run, cache, qk, bucket, position, padded):
     num_chunks = rounds * padded // chunk
     order = xp.astype(xp.argsort(buckets, axis=-1, stable=True), xp.int64)  # rank -> position, per round
     rank = xp.sum(xp.astype(buckets <= bucket, xp.int64), axis=-1) - 1  # (b, h, n); the new one counts itself
-    slot = run.ints(list(range(rounds))) * padded + rank
-    offsets = run.ints([w // chunk - before for w in range(width)]) + before * num_chunks  # >= 0
-    within = run.ints([w % chunk for w in range(width)])
+    slot = run.constant(("lsh rounds", rounds), lambda: list(range(rounds))) * padded + rank
+    offsets = run.constant(("lsh offsets",), lambda: [w // chunk - before for w in range(width)]) + before * num_chunks
+    within = run.constant(("lsh within",), lambda: [w % chunk for w in range(width)])
     slots = ((slot // chunk)[..., None] + offsets) % num_chunks * chunk + within  # (b, h, n, W)
     item_round, item_rank = slots // padded, slots % padded
     real = item_rank < position + 1
