@@ -94,7 +94,18 @@ def adapter_class_of(array: Any) -> type | None:
     """The registered adapter class for ``array``'s framework (None if none is registered),
     from its type alone: no backend object, no context variable, nothing a compiler's tracer
     would stop at."""
-    return _adapters().get(framework_of(array))
+    kind = type(array)
+    try:
+        return _adapter_by_type[kind]
+    except KeyError:
+        found = _adapter_by_type[kind] = _adapters().get(framework_of(array))
+        return found
+
+
+# type -> adapter class: both lookups above depend on the type alone and are fixed for the
+# process (_adapters is computed once), so a hot loop (a decode step asks per layer op) pays
+# one dict lookup instead of a module-name split and two more.
+_adapter_by_type: dict[type, type | None] = {}
 
 
 def framework_of(array: Any) -> str | None:
